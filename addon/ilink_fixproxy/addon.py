@@ -1,0 +1,268 @@
+"""The mitmproxy addon: options, validation, and short hooks that delegate to pure code.
+
+Flow of one request:
+  requestheaders  - a flow no rule selects is streamed straight through (never buffered);
+  response        - for a selected flow, if the answer is a failure the rule repairs, re-issue
+                    the request without the rule's field and hand back the new answer.
+Whatever goes wrong while repairing, the caller keeps the original upstream answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
+from mitmproxy.utils import human
+
+from . import rules as rules_mod
+from .jsonedit import get_path, remove_member
+from .matching import AnswerSummary, first_rule, parse_json_object
+from .redact import token_hash
+from .reissue import ReissueError, Reissuer, UpstreamTrust
+from .rules import Rule, RuleSet
+
+log = logging.getLogger("ilink_fixproxy")
+
+HEADER = "X-Ilink-Fixproxy"
+MARK_REPAIRED = ":wrench:"
+MARK_STILL_FAILING = ":warning:"
+INTERCEPT_CHOICES = ("rule-hosts", "all")
+_TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
+
+
+class IlinkFixProxy:
+    def __init__(self) -> None:
+        self.ruleset: RuleSet = RuleSet(source="<not loaded>", hosts=(), rules=())
+        self.buffer_limit = 1024 * 1024
+        self.reissuer = Reissuer(max_answer_bytes=self.buffer_limit)
+        self._managed_allow_hosts: list[str] = []
+
+    # ------------------------------------------------------------------ options
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "ilink_rules",
+            str,
+            "",
+            "Path of the ilink-fixproxy rules YAML file. Empty: the rules packaged with "
+            "ilink-fixproxy (repair stale context_token on sendmessage).",
+        )
+        loader.add_option(
+            "ilink_buffer_limit",
+            str,
+            "1m",
+            "Largest body (k/m/g suffixes) that a flow selected by a rule is buffered for; larger "
+            "bodies stream through untouched. Flows no rule selects always stream.",
+        )
+        loader.add_option(
+            "ilink_intercept",
+            str,
+            "rule-hosts",
+            "In forward (regular) and upstream modes: 'rule-hosts' intercepts TLS only for the "
+            "hosts listed in the rules file and tunnels every other host untouched (unless "
+            "allow_hosts/ignore_hosts are set explicitly); 'all' leaves mitmproxy's default.",
+            choices=list(INTERCEPT_CHOICES),
+        )
+        # mitmproxy calls configure() only for options that change later (or, for `-s` scripts,
+        # once with all of them), so start from the packaged rules rather than from nothing.
+        self.ruleset = rules_mod.load_default()
+        # httpx logs every request at INFO, including full URLs; ours say what matters.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+    def configure(self, updated: set[str]) -> None:
+        if "ilink_rules" in updated:
+            path = ctx.options.ilink_rules
+            try:
+                self.ruleset = rules_mod.load_file(path) if path else rules_mod.load_default()
+            except rules_mod.RulesError as e:
+                raise exceptions.OptionsError(f"ilink_rules: {e}") from None
+            log.info(f"ilink-fixproxy: {len(self.ruleset.rules)} rule(s) from {self.ruleset.source}")
+        if "ilink_buffer_limit" in updated:
+            try:
+                limit = human.parse_size(ctx.options.ilink_buffer_limit)
+            except ValueError:
+                limit = None
+            if not limit or limit <= 0:
+                raise exceptions.OptionsError(
+                    f"ilink_buffer_limit: {ctx.options.ilink_buffer_limit!r} is not a size "
+                    "(expected e.g. 512k or 1m)"
+                )
+            self.buffer_limit = limit
+            self.reissuer.max_answer_bytes = limit
+        if updated & _TLS_OPTIONS:
+            trust = UpstreamTrust(
+                insecure=ctx.options.ssl_insecure,
+                ca_file=ctx.options.ssl_verify_upstream_trusted_ca,
+                ca_dir=ctx.options.ssl_verify_upstream_trusted_confdir,
+            )
+            try:
+                self.reissuer.configure(trust)
+            except (OSError, ssl.SSLError) as e:
+                raise exceptions.OptionsError(
+                    f"cannot load the upstream CA ({trust.ca_file or trust.ca_dir}): {e}"
+                ) from None
+        if "ilink_intercept" in updated and ctx.options.ilink_intercept not in INTERCEPT_CHOICES:
+            raise exceptions.OptionsError(
+                f"ilink_intercept: {ctx.options.ilink_intercept!r} is not one of "
+                f"{', '.join(INTERCEPT_CHOICES)}"
+            )
+        if updated & {"ilink_rules", "ilink_intercept", "mode", "allow_hosts", "ignore_hosts"}:
+            self._sync_allow_hosts()
+
+    def _sync_allow_hosts(self) -> None:
+        """Forward mode: intercept only the rules' hosts, so other traffic never needs our CA."""
+        want: list[str] = []
+        if ctx.options.ilink_intercept == "rule-hosts" and self.ruleset.hosts:
+            try:
+                modes = [mode_specs.ProxyMode.parse(m) for m in ctx.options.mode]
+            except ValueError:
+                modes = []  # mitmproxy itself reports a malformed mode
+            # In reverse mode every connection goes to the one upstream: restricting hosts there
+            # would turn it into a raw TCP tunnel.
+            if modes and not any(isinstance(m, mode_specs.ReverseMode) for m in modes):
+                want = rules_mod.host_patterns(self.ruleset.hosts)
+        current = list(ctx.options.allow_hosts)
+        if (current and current != self._managed_allow_hosts) or ctx.options.ignore_hosts:
+            return  # the operator chose allow_hosts/ignore_hosts themselves: theirs wins
+        if current != want:
+            self._managed_allow_hosts = want
+            ctx.options.update(allow_hosts=want)
+
+    # ------------------------------------------------------------------ hooks
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not self._candidates(flow) or self._too_large(flow.request.headers):
+            flow.request.stream = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.stream or (flow.response and self._too_large(flow.response.headers)):
+            flow.response.stream = True
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        selected = self._selected(flow)
+        if selected is None:
+            return
+        rule, request_doc = selected
+        try:
+            await self._repair(flow, rule, request_doc)
+        except Exception as e:  # never worse than no proxy: the original answer stays
+            log.warning(
+                f"{_endpoint(flow)}: repair by rule {rule.name!r} failed, original answer kept: "
+                f"{type(e).__name__}"
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _candidates(self, flow: http.HTTPFlow) -> list[Rule]:
+        return [r for r in self.ruleset.rules if r.match.filter(flow)]
+
+    def _too_large(self, headers: http.Headers) -> bool:
+        try:
+            return int(headers.get("content-length", "0")) > self.buffer_limit
+        except ValueError:
+            return True  # a malformed length: do not try to buffer it
+
+    def _selected(self, flow: http.HTTPFlow) -> tuple[Rule, dict[str, Any]] | None:
+        """The rule that repairs this flow's answer, or None. Cheap checks first."""
+        response = flow.response
+        if response is None or flow.request.raw_content is None or response.raw_content is None:
+            return None  # streamed: there is no body to re-send, or the answer already went out
+        candidates = self._candidates(flow)
+        if not candidates or flow.request.headers.get("content-encoding", "identity") != "identity":
+            return None
+        request_doc = parse_json_object(flow.request.raw_content)
+        try:
+            answer_body = response.get_content(strict=True)
+        except ValueError:
+            return None
+        rule = first_rule(candidates, request_doc, response.status_code, parse_json_object(answer_body))
+        return (rule, request_doc) if rule and request_doc is not None else None
+
+    async def _repair(self, flow: http.HTTPFlow, rule: Rule, request_doc: dict[str, Any]) -> None:
+        action = rule.action
+        original = flow.response
+        assert original is not None
+        first = AnswerSummary.of(original.status_code, original.get_content(strict=False))
+        _, token = get_path(request_doc, action.remove)
+        field = ".".join(action.remove)
+        what = f"{_endpoint(flow)} with {field} {token_hash(token)}: iLink answered {first.short()}"
+        body = remove_member(flow.request.raw_content or b"", action.remove)
+        if body is None or action.retries == 0:
+            self._annotate(flow, rule, "matched", f"{what}; not re-issued (retries: 0)", None)
+            log.info(f"{what}; rule {rule.name!r} matched, not re-issued")
+            return
+
+        deadline = flow.request.timestamp_start + action.deadline_s
+        started = time.monotonic()
+        answer: http.Response | None = None
+        answer_doc: dict[str, Any] | None = None
+        errors: list[str] = []
+        reissues = 0
+        while reissues < action.retries:
+            reissues += 1
+            try:
+                candidate = await self.reissuer.send(
+                    flow.request, body, flow.server_conn.via, deadline - time.time()
+                )
+                candidate_body = _readable(candidate)
+            except ReissueError as e:
+                errors.append(str(e))
+                if deadline - time.time() <= 0:
+                    break
+                continue
+            answer, answer_doc = candidate, parse_json_object(candidate_body)
+            if not first_rule([rule], request_doc, candidate.status_code, answer_doc):
+                break
+        ms = round((time.monotonic() - started) * 1000)
+
+        if answer is None:
+            note = f"{what}; re-issue without {field} failed ({'; '.join(errors)}), original answer kept"
+            self._annotate(flow, rule, "reissue-failed", note, None)
+            log.warning(f"{note} [{ms} ms]")
+            return
+
+        now = AnswerSummary.of(answer.status_code, answer.get_content(strict=False))
+        still_failing = first_rule([rule], request_doc, answer.status_code, answer_doc) is not None
+        decision = "still-failing" if still_failing else "repaired"
+        answer.headers[HEADER] = (
+            f"{decision}; rule={rule.name}; removed={field}; first={first.short()}; "
+            f"reissues={reissues}; now={now.short()}"
+        )
+        flow.response = answer
+        note = f"{what}; re-issued without {field} ({reissues}x, {ms} ms): {now.short()}"
+        self._annotate(flow, rule, decision, note, now)
+        log.info(f"{decision}: {note}")
+
+    @staticmethod
+    def _annotate(
+        flow: http.HTTPFlow, rule: Rule, decision: str, note: str, now: AnswerSummary | None
+    ) -> None:
+        flow.comment = f"ilink-fixproxy {decision} (rule {rule.name}): {note}"
+        flow.marked = MARK_REPAIRED if decision == "repaired" else MARK_STILL_FAILING
+        flow.metadata["ilink_fixproxy"] = {
+            "decision": decision,
+            "rule": rule.name,
+            "answer": now.short() if now else None,
+        }
+
+
+def _readable(response: http.Response) -> bytes:
+    """The re-issue's body if it is an answer we can hand back: 200 with empty or JSON-object body."""
+    try:
+        body = response.get_content(strict=True) or b""
+    except ValueError:
+        raise ReissueError("answer body could not be decoded") from None
+    if response.status_code != 200:
+        raise ReissueError(f"answer was HTTP {response.status_code}")
+    if body and parse_json_object(body) is None:
+        raise ReissueError("answer was not a JSON object")
+    return body
+
+
+def _endpoint(flow: http.HTTPFlow) -> str:
+    return flow.request.path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "/"

@@ -1,0 +1,446 @@
+"""The ``ilink-fixproxy`` command: friendly flags mapped onto mitmproxy options, then run it.
+
+Every user mistake (bad flag, missing or invalid rules file, unreadable CA, port in use) ends in
+one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import __version__
+from . import rules as rules_mod
+
+PROG = "ilink-fixproxy"
+DEFAULT_LISTEN = "127.0.0.1:8765"
+DEFAULT_UPSTREAM = "https://ilinkai.weixin.qq.com"
+DEFAULT_CONFDIR = "~/.mitmproxy"
+CA_CERT_NAME = "mitmproxy-ca-cert.pem"
+UPSTREAM_BUNDLE_NAME = "ilink-fixproxy-upstream-cas.pem"
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            A proxy between a WeChat bot gateway and Tencent's iLink bot API that repairs sends
+            iLink refused because the cached context_token went stale (ret=-2 / errcode -14):
+            it re-issues the send without the token and hands the gateway the new answer.
+
+            Without a command it runs the proxy. Point the gateway's iLink base URL at it
+            (reverse mode, the default) or set HTTPS_PROXY to it (--mode forward).
+            """
+        ),
+        epilog=textwrap.dedent(
+            """\
+            commands:
+              check [PATH]   validate a rules file and print what each rule does (exit 0/1)
+              ca             print where the CA certificate is (forward mode) and how to trust it
+              demo           show a repair against a fake iLink on loopback (no account, no network)
+
+            examples:
+              ilink-fixproxy                                  # 127.0.0.1:8765 -> iLink
+              ilink-fixproxy --listen 127.0.0.1:9000 --rules my-rules.yaml
+              ilink-fixproxy --mode forward                   # for HTTPS_PROXY=http://127.0.0.1:8765
+              ilink-fixproxy --set save_stream_file=flows.mitm   # any mitmproxy option
+            """
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_LISTEN,
+        help=f"address to listen on (default {DEFAULT_LISTEN}; port 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--upstream",
+        metavar="URL",
+        default=None,
+        help=f"iLink base URL to forward to in reverse mode (default {DEFAULT_UPSTREAM})",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["reverse", "forward"],
+        default="reverse",
+        help="reverse: gateways use us as their base URL (default); forward: an "
+        "HTTP(S) proxy for gateways configured with HTTPS_PROXY",
+    )
+    parser.add_argument(
+        "--rules",
+        metavar="PATH",
+        default=None,
+        help="rules file (default ./rules.yaml if present, else the packaged rules)",
+    )
+    parser.add_argument(
+        "--upstream-ca",
+        metavar="PEM",
+        default=None,
+        help="also trust this CA certificate for upstream TLS (test servers, corporate TLS inspection)",
+    )
+    parser.add_argument(
+        "--ssl-insecure", action="store_true", help="do not verify upstream TLS certificates (debugging only)"
+    )
+    parser.add_argument(
+        "--confdir",
+        metavar="DIR",
+        default=DEFAULT_CONFDIR,
+        help=f"mitmproxy configuration directory, holds the CA (default {DEFAULT_CONFDIR})",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also log every connection (mitmproxy's connection-level messages)",
+    )
+    parser.add_argument(
+        "--set",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        dest="setoptions",
+        help="set any mitmproxy or ilink_* option; repeatable",
+    )
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_check = sub.add_parser("check", help="validate a rules file and explain it")
+    p_check.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="rules file (default ./rules.yaml if present, else the packaged rules)",
+    )
+    p_ca = sub.add_parser("ca", help="show the CA certificate to trust in forward mode")
+    p_ca.add_argument(
+        "--confdir",
+        metavar="DIR",
+        default=None,
+        dest="ca_confdir",
+        help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
+    )
+    sub.add_parser("demo", help="repair a stale-token send against a fake iLink on loopback")
+    return parser
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8765")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"--listen {text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def parse_upstream(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--upstream {text!r}: expected an http:// or https:// URL, e.g. {DEFAULT_UPSTREAM}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UsageError(f"--upstream {text!r}: give only scheme, host and port (no path)")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise UsageError(f"--upstream {text!r}: invalid port") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def resolve_rules_path(explicit: str | None) -> Path | None:
+    """The rules file to use: the explicit one, ./rules.yaml, or None for the packaged rules."""
+    if explicit is not None:
+        return Path(explicit)
+    local = Path("rules.yaml")
+    return local if local.is_file() else None
+
+
+def load_rules(path: Path | None) -> rules_mod.RuleSet:
+    return rules_mod.load_file(path) if path is not None else rules_mod.load_default()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- running the proxy
+
+
+@dataclass
+class Settings:
+    listen_host: str
+    listen_port: int
+    mode: str
+    upstream: str
+    rules_path: Path | None
+    ruleset: rules_mod.RuleSet
+    confdir: Path
+    ssl_insecure: bool
+    upstream_bundle: Path | None
+    verbose: bool = False
+    setoptions: list[str] = field(default_factory=list)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    host, port = parse_listen(args.listen)
+    if args.mode == "forward" and args.upstream is not None:
+        raise UsageError(
+            "--upstream only applies to --mode reverse; in forward mode the gateway "
+            "chooses the host (use --set mode=upstream:URL for an upstream proxy)"
+        )
+    upstream = parse_upstream(args.upstream or DEFAULT_UPSTREAM)
+    rules_path = resolve_rules_path(args.rules)
+    ruleset = load_rules(rules_path)
+    confdir = Path(os.path.expanduser(args.confdir))
+    bundle = None
+    if args.upstream_ca:
+        bundle = write_upstream_bundle(Path(args.upstream_ca), confdir)
+    for item in args.setoptions:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected NAME=VALUE")
+    return Settings(
+        host,
+        port,
+        args.mode,
+        upstream,
+        rules_path,
+        ruleset,
+        confdir,
+        args.ssl_insecure,
+        bundle,
+        args.verbose,
+        list(args.setoptions),
+    )
+
+
+def write_upstream_bundle(ca: Path, confdir: Path) -> Path:
+    """certifi's CAs plus the extra one, because mitmproxy's option replaces rather than adds."""
+    import certifi
+
+    try:
+        extra = ca.read_text("ascii")
+        ssl.create_default_context(cafile=str(ca))
+    except FileNotFoundError:
+        raise UsageError(f"--upstream-ca {ca}: file not found") from None
+    except (OSError, UnicodeDecodeError, ssl.SSLError, ValueError) as e:
+        raise UsageError(f"--upstream-ca {ca}: not a readable PEM certificate ({e})") from None
+    if "BEGIN CERTIFICATE" not in extra:
+        raise UsageError(f"--upstream-ca {ca}: no PEM certificate in it")
+    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    bundle = confdir / UPSTREAM_BUNDLE_NAME
+    bundle.write_text(Path(certifi.where()).read_text("ascii") + "\n" + extra, "ascii")
+    return bundle
+
+
+def check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--listen {host}:{port}: cannot resolve {host!r} ({e.strerror})") from None
+    family, socktype, proto, _, addr = infos[0]
+    with socket.socket(family, socktype, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+        try:
+            s.bind(addr)
+        except OSError as e:
+            reason = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise UsageError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def mitmproxy_options(s: Settings) -> dict[str, object]:
+    opts: dict[str, object] = {
+        "listen_host": s.listen_host,
+        "listen_port": s.listen_port,
+        "confdir": str(s.confdir),
+        "ilink_rules": str(s.rules_path) if s.rules_path else "",
+        "ssl_insecure": s.ssl_insecure,
+        "flow_detail": 0,  # one line per decision comes from the addon; bodies hold secrets
+        "mode": [f"reverse:{s.upstream}"] if s.mode == "reverse" else ["regular"],
+    }
+    if s.mode == "reverse":
+        # Negotiate with the client before connecting upstream, so an HTTP/2 client works even
+        # when the upstream only speaks HTTP/1.1 (eager mode would mirror the upstream's ALPN).
+        opts["connection_strategy"] = "lazy"
+    if s.upstream_bundle:
+        opts["ssl_verify_upstream_trusted_ca"] = str(s.upstream_bundle)
+    return opts
+
+
+def startup_line(s: Settings, url: str, rule_count: int) -> str:
+    rules_src = str(s.rules_path) if s.rules_path else "packaged default rules"
+    counted = f"{rule_count} rule{'s' if rule_count != 1 else ''}"
+    if s.mode == "reverse":
+        return (
+            f"{PROG} listening on {url} (reverse mode -> {s.upstream}); rules: {rules_src} ({counted}). "
+            f"hermes-agent: set WEIXIN_BASE_URL={url} and WEIXIN_TOKEN (without WEIXIN_TOKEN the "
+            f'saved account\'s base_url wins); openclaw-weixin: set "baseUrl": "{url}" in '
+            f"<stateDir>/openclaw-weixin/accounts/<accountId>.json."
+        )
+    hosts = ", ".join(s.ruleset.hosts) or "every host"
+    return (
+        f"{PROG} listening on {url} (forward mode, TLS intercepted only for {hosts}); rules: "
+        f"{rules_src} ({counted}). Gateways: set HTTPS_PROXY={url} and trust "
+        f"{s.confdir / CA_CERT_NAME} (see `{PROG} ca`)."
+    )
+
+
+class StartupReport:
+    """Prints the one human start line once mitmproxy really listens (the port may be 0)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        addrs = ctx.master.addons.get("proxyserver").listen_addrs()
+        host, port = addrs[0][:2] if addrs else (self.settings.listen_host, self.settings.listen_port)
+        shown = f"[{host}]" if ":" in host else host
+        ours = ctx.master.addons.get("ilinkfixproxy")
+        count = len(ours.ruleset.rules) if ours else len(self.settings.ruleset.rules)
+        print(startup_line(self.settings, f"http://{shown}:{port}", count), flush=True)
+        if not is_loopback(self.settings.listen_host) and not ctx.options.proxyauth:
+            print(
+                f"{PROG}: WARNING: listening on {self.settings.listen_host}, reachable from other "
+                "machines, without authentication (--set proxyauth=USER:PASS)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+async def serve(s: Settings) -> int:
+    from mitmproxy import addons, exceptions, master, options
+    from mitmproxy.addons import dumper, errorcheck, script
+
+    from .addon import IlinkFixProxy
+
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("asyncio", "hpack", "passlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not s.verbose:
+        # Per-connection chatter (connect/disconnect/streaming) drowns the one line per decision
+        # the addon logs; --verbose brings it back.
+        logging.getLogger("mitmproxy.proxy").setLevel(logging.WARNING)
+
+    opts = options.Options()
+    m = master.Master(opts, with_termlog=True)
+    chain = addons.default_addons()
+    # Sit where `-s` scripts sit (right after the script loader), so save/HAR addons that
+    # follow record the repaired answer, exactly as with `mitmdump -s`.
+    at = next(i for i, a in enumerate(chain) if isinstance(a, script.ScriptLoader)) + 1
+    chain.insert(at, IlinkFixProxy())
+    m.addons.add(*chain)
+    m.addons.add(dumper.Dumper(), errorcheck.ErrorCheck(), StartupReport(s))
+    try:
+        opts.update(**mitmproxy_options(s))
+        if s.setoptions:
+            opts.set(*s.setoptions)
+    except (exceptions.OptionsError, KeyError, ValueError, NotImplementedError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UsageError(f"invalid option: {msg}") from None
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, m.shutdown)
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    await m.run()
+    return 0
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    s = settings_from_args(args)
+    check_port_free(s.listen_host, s.listen_port)
+    return asyncio.run(serve(s))
+
+
+# --------------------------------------------------------------------------- other commands
+
+
+def cmd_check(path_arg: str | None) -> int:
+    path = resolve_rules_path(path_arg)
+    ruleset = load_rules(path)
+    print(rules_mod.describe(ruleset))
+    return 0
+
+
+def cmd_ca(confdir_arg: str | None) -> int:
+    from mitmproxy import certs
+    from mitmproxy.options import KEY_SIZE
+
+    confdir = Path(os.path.expanduser(confdir_arg or DEFAULT_CONFDIR))
+    try:
+        certs.CertStore.from_store(confdir, "mitmproxy", KEY_SIZE)
+    except OSError as e:
+        raise UsageError(f"cannot create the CA in {confdir}: {e.strerror or e}") from None
+    cert = confdir / CA_CERT_NAME
+    print(
+        textwrap.dedent(f"""\
+        CA certificate: {cert}
+        Only forward mode (--mode forward, gateways using HTTPS_PROXY) needs it; reverse mode does not.
+        Its private key ({confdir / "mitmproxy-ca.pem"}) never leaves this machine: keep it owner-only.
+
+        Trust it in the gateway's process:
+          hermes-agent (aiohttp + certifi): append it to the bundle certifi returns in hermes' own
+            Python:  cat {cert} >> "$(python -c 'import certifi; print(certifi.where())')"
+            (SSL_CERT_FILE is ignored while certifi is installed; re-do this after certifi upgrades)
+          openclaw-weixin (Node):  NODE_EXTRA_CA_CERTS={cert}
+          system-wide (Debian/Ubuntu):  cp {cert} /usr/local/share/ca-certificates/ilink-fixproxy.crt
+            && update-ca-certificates
+        Only the hosts listed in the rules file are intercepted; other HTTPS traffic is tunnelled.""")
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            return cmd_check(args.path)
+        if args.command == "ca":
+            return cmd_ca(args.ca_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None))
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo()
+        return run_proxy(args)
+    except rules_mod.RulesError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Byte-faithful edits of one member of a JSON request body.
+
+The proxy re-issues a request upstream with one field removed (or replaced), and the new body
+must differ from the original *only* by that field. A ``json.loads`` / ``json.dumps`` round trip
+cannot promise that: it rewrites separators and whitespace, turns ``\\u4e2d`` escapes into raw
+characters (or the reverse), respells numbers (``1e5`` -> ``100000.0``, ``1.0E2`` -> ``100.0``)
+and, with ``parse_float``/``parse_int`` defaults, can even lose information. A signature, a
+content hash or a picky upstream parser would all notice.
+
+So instead we locate the byte span of the member and cut (or splice) just that span. We do not
+hand-roll a JSON lexer: the stdlib decoder already knows where every key and value ends
+(``json.decoder.scanstring`` for keys, ``JSONDecoder.raw_decode`` for values), so the only
+characters stepped over by hand are the structural ones between members (``{ : , }``) and JSON
+whitespace. The whole document is validated with ``json.loads`` first, so malformed input gives
+``None`` rather than a half-edit. We work on the decoded ``str`` and re-encode as UTF-8, which is
+lossless for valid UTF-8, so untouched bytes come back identical.
+
+Each sibling value is skipped with a single ``raw_decode`` call, so an edit costs
+O(len(body) * len(path)) in the worst case, linear for the usual short paths.
+
+Duplicate keys follow ``json.loads`` (last occurrence wins): descending follows the last
+occurrence, ``replace_value`` replaces the last one, and ``remove_member`` removes every
+occurrence at the leaf level so the parsed result equals the parsed original minus that key.
+"""
+
+from __future__ import annotations
+
+import json
+from json.decoder import scanstring
+from typing import Any, NamedTuple
+
+Path = tuple[str, ...]
+
+_WS = " \t\n\r"
+_DECODER = json.JSONDecoder()
+
+
+class _Member(NamedTuple):
+    key: str
+    start: int  # index of the key's opening quote
+    value_start: int
+    value_end: int  # one past the value's last character
+
+
+class _Malformed(Exception):
+    """The text does not have the shape we expect (should not happen after json.loads)."""
+
+
+def parse_path(dotted: str) -> Path:
+    """``"msg.context_token"`` -> ``("msg", "context_token")``."""
+    if not isinstance(dotted, str) or dotted == "":
+        raise ValueError("JSON path must be a non-empty dotted string like 'msg.context_token'")
+    parts = tuple(dotted.split("."))
+    if any(part == "" for part in parts):
+        raise ValueError(f"invalid JSON path {dotted!r}: empty segment (leading, trailing or double dot)")
+    return parts
+
+
+def get_path(doc: Any, path: Path) -> tuple[bool, Any]:
+    """Walk parsed JSON through dicts: ``(True, value)`` if present, else ``(False, None)``."""
+    node = doc
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _skip_ws(text: str, idx: int) -> int:
+    n = len(text)
+    while idx < n and text[idx] in _WS:
+        idx += 1
+    return idx
+
+
+def _expect(text: str, idx: int, char: str) -> int:
+    """Skip whitespace, require ``char`` and return the index just after it."""
+    idx = _skip_ws(text, idx)
+    if idx >= len(text) or text[idx] != char:
+        raise _Malformed(f"expected {char!r} at {idx}")
+    return idx + 1
+
+
+def _members(text: str, open_idx: int) -> list[_Member]:
+    """The members of the object whose ``{`` is at ``open_idx``, in document order."""
+    if text[open_idx] != "{":
+        raise _Malformed(f"expected '{{' at {open_idx}")
+    members: list[_Member] = []
+    idx = _skip_ws(text, open_idx + 1)
+    if idx < len(text) and text[idx] == "}":
+        return members
+    while True:
+        if idx >= len(text) or text[idx] != '"':
+            raise _Malformed(f"expected a key at {idx}")
+        start = idx
+        key, idx = scanstring(text, idx + 1)
+        idx = _skip_ws(text, _expect(text, idx, ":"))
+        try:
+            _, end = _DECODER.raw_decode(text, idx)
+        except json.JSONDecodeError as exc:
+            raise _Malformed(str(exc)) from exc
+        members.append(_Member(key, start, idx, end))
+        idx = _skip_ws(text, end)
+        if idx < len(text) and text[idx] == "}":
+            return members
+        idx = _skip_ws(text, _expect(text, idx, ","))
+
+
+def _leaf_members(text: str, path: Path) -> list[_Member] | None:
+    """Members of the object holding ``path[-1]``; ``None`` if the path does not reach it."""
+    open_idx = _skip_ws(text, 0)
+    for key in path[:-1]:
+        last = None
+        for member in _members(text, open_idx):
+            if member.key == key:
+                last = member
+        if last is None or text[last.value_start] != "{":
+            return None
+        open_idx = last.value_start
+    return _members(text, open_idx)
+
+
+def _prepare(body: bytes, path: Path) -> tuple[str, list[_Member]] | None:
+    """Decode and validate ``body``; return its text and the members at the leaf level."""
+    if not path:
+        return None
+    try:
+        text = body.decode("utf-8")
+        doc = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not get_path(doc, path)[0]:
+        return None
+    try:
+        members = _leaf_members(text, path)
+    except (_Malformed, ValueError, RecursionError):
+        return None
+    return None if members is None else (text, members)
+
+
+def _removal_spans(members: list[_Member], key: str) -> list[tuple[int, int]]:
+    """Half-open spans that delete every ``key`` member plus one adjacent comma each."""
+    spans: list[tuple[int, int]] = []
+    n = len(members)
+    i = 0
+    while i < n:
+        if members[i].key != key:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and members[j + 1].key == key:
+            j += 1
+        if i > 0:  # eat the comma before the run (and the whitespace around it)
+            spans.append((members[i - 1].value_end, members[j].value_end))
+        elif j + 1 < n:  # run is first: eat the comma after it, up to the next key
+            spans.append((members[0].start, members[j + 1].start))
+        else:  # every member goes
+            spans.append((members[0].start, members[j].value_end))
+        i = j + 1
+    return spans
+
+
+def remove_member(body: bytes, path: Path) -> bytes | None:
+    """``body`` with the object member at ``path`` removed and every other byte unchanged.
+
+    ``None`` if ``body`` is not UTF-8 JSON with an object at the top level, the path is absent,
+    or an intermediate value is not an object.
+    """
+    prepared = _prepare(body, path)
+    if prepared is None:
+        return None
+    text, members = prepared
+    spans = _removal_spans(members, path[-1])
+    if not spans:
+        return None
+    pieces: list[str] = []
+    pos = 0
+    for start, end in spans:
+        pieces.append(text[pos:start])
+        pos = end
+    pieces.append(text[pos:])
+    return "".join(pieces).encode("utf-8")
+
+
+def replace_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
+    """``body`` with the value at ``path`` (last occurrence) replaced by compact JSON.
+
+    The new value is ``json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))``
+    (ASCII-escaped only if it holds lone surrogates, which UTF-8 cannot carry). ``None`` on the
+    same conditions as :func:`remove_member`; non-serialisable values raise ``TypeError``.
+    """
+    prepared = _prepare(body, path)
+    if prepared is None:
+        return None
+    text, members = prepared
+    last = None
+    for member in members:
+        if member.key == path[-1]:
+            last = member
+    if last is None:
+        return None
+    new_text = json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        new_bytes = new_text.encode("utf-8")
+    except UnicodeEncodeError:
+        new_bytes = json.dumps(new_value, separators=(",", ":")).encode("ascii")
+    return text[: last.value_start].encode("utf-8") + new_bytes + text[last.value_end :].encode("utf-8")

@@ -1,0 +1,111 @@
+"""Shared real parts for the tests: a fake iLink over TLS with its own CA, and the real proxy
+process in front of it. Nothing here mocks mitmproxy or the network path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from ilink_fixproxy.launcher import READY_MITMDUMP, ProxyProcess, ilink_fixproxy_argv
+from ilink_fixproxy.sandbox import FakeILink, TestPKI, make_pki
+
+ROOT = Path(__file__).resolve().parent.parent
+SEND = "/ilink/bot/sendmessage"
+BOT_TOKEN = "e2e-bot@im.bot:S3cr3tB0tT0ken-do-not-log"
+HEADERS = {
+    "Content-Type": "application/json",
+    "AuthorizationType": "ilink_bot_token",
+    "Authorization": f"Bearer {BOT_TOKEN}",
+    "iLink-App-Id": "bot",
+}
+
+
+def send_body(token: str | None, *, text: str = "cron: daily report", client_id: str = "c-1") -> bytes:
+    """A sendmessage body shaped like hermes' (json.dumps defaults: ", " separators, \\u escapes)."""
+    msg: dict[str, object] = {
+        "from_user_id": "",
+        "to_user_id": "wxid_peer@im.wechat",
+        "client_id": client_id,
+        "message_type": 2,
+        "message_state": 2,
+        "item_list": [{"type": 1, "text_item": {"text": text}}],
+    }
+    if token is not None:
+        msg["context_token"] = token
+    return json.dumps({"msg": msg, "base_info": {"channel_version": "2.2.0"}}).encode()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def fake_server(pki: TestPKI) -> Iterator[FakeILink]:
+    with FakeILink(pki) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_server: FakeILink) -> FakeILink:
+    """The module's fake iLink, reset to its defaults for this test."""
+    fake_server.reset()
+    return fake_server
+
+
+def start_proxy(*args: str, cwd: Path | None = None) -> ProxyProcess:
+    return ProxyProcess(ilink_fixproxy_argv("--listen", "127.0.0.1:0", *args), cwd=str(cwd) if cwd else None)
+
+
+def start_mitmdump(*args: str) -> ProxyProcess:
+    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent))
+    assert mitmdump, "mitmdump is installed with mitmproxy"
+    argv = [
+        mitmdump,
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        "0",
+        "-s",
+        str(ROOT / "addon" / "ilink_fixproxy_addon.py"),
+        *args,
+    ]
+    return ProxyProcess(argv, ready=READY_MITMDUMP)
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """ilink-fixproxy in reverse mode (the default) in front of the fake, with the shipped rules."""
+    conf = tmp_path_factory.mktemp("conf")
+    with start_proxy(
+        "--upstream",
+        fake_server.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(conf),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+    ) as p:
+        yield p
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(trust_env=False, timeout=30) as c:
+        yield c
+
+
+def tls_context(*ca_files: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_files[0]))
+    for extra in ca_files[1:]:
+        ctx.load_verify_locations(cafile=str(extra))
+    return ctx

@@ -1,0 +1,221 @@
+"""rules.yaml parsing: the shipped rules, the accepted shapes, and every error message's location."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from ilink_fixproxy import rules
+from ilink_fixproxy.rules import Equals, Missing, Regex, RulesError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(text: str) -> rules.RuleSet:
+    return rules.parse(textwrap.dedent(text), "test.yaml")
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(RulesError) as e:
+        parse(text)
+    return str(e.value)
+
+
+BASE = """\
+version: 1
+hosts: [ilinkai.weixin.qq.com]
+rules:
+  - name: r
+    match:
+      filter: "~m POST & ~u /ilink/bot/sendmessage"
+      response_any:
+        - {{ret: -2}}
+    action:
+      remove: msg.context_token
+{extra}"""
+
+
+def test_repo_rules_file_is_the_packaged_default():
+    # The repo-root rules.yaml is what `ilink-fixproxy` picks up when run from a checkout; it
+    # must say the same as the rules packaged into the wheel.
+    assert (ROOT / "rules.yaml").read_text() == rules.default_rules_text()
+
+
+def test_default_rules_repair_every_stale_shape():
+    rs = rules.load_default()
+    assert rs.hosts == ("ilinkai.weixin.qq.com",)
+    (rule,) = rs.rules
+    assert rule.action.remove == ("msg", "context_token")
+    assert rule.action.retries == 1
+    assert rule.action.deadline_s == 10
+    assert rule.match.request_has == (("msg", "context_token"),)
+    assert rule.match.response_status == (200,)
+    shapes = {(c.path, c.alternatives) for group in rule.match.response_any for c in group}
+    for field in ("ret", "errcode"):
+        for code in (-2, -14):
+            assert ((field,), (Equals(code),)) in shapes
+
+
+def test_defaults_when_optional_keys_are_absent():
+    rs = parse(BASE.format(extra=""))
+    (rule,) = rs.rules
+    assert rule.action.retries == 1
+    assert rule.action.deadline_s == 10.0
+    assert rule.match.response_status == (200,)
+    # the removed field is always required in the request, even when request_has is not given
+    assert rule.match.request_has == (("msg", "context_token"),)
+    assert rule.line == 4
+
+
+def test_field_condition_shapes():
+    rs = parse("""\
+        version: 1
+        rules:
+          - name: shapes
+            match:
+              filter: "~u sendmessage"
+              request_has: [msg.to_user_id]
+              request_match: {msg.message_type: [1, 2]}
+              response_status: [200, 500]
+              response_any:
+                - {ret: -2, errmsg: null}
+                - {errmsg: {regex: "^prepare"}}
+                - {ok: true, name: "x", ratio: 1.5}
+            action: {remove: msg.context_token, retries: 2, deadline_s: 2.5}
+        """)
+    (rule,) = rs.rules
+    m = rule.match
+    assert m.request_has == (("msg", "to_user_id"), ("msg", "context_token"))
+    assert m.request_match[0].alternatives == (Equals(1), Equals(2))
+    assert m.response_status == (200, 500)
+    first, second, third = m.response_any
+    assert first[1].alternatives == (Missing(),)
+    assert isinstance(second[0].alternatives[0], Regex)
+    assert [c.alternatives[0] for c in third] == [Equals(True), Equals("x"), Equals(1.5)]
+    assert rule.action.retries == 2 and rule.action.deadline_s == 2.5
+    assert rs.hosts == ()
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "expected"),
+    [
+        ("      retries: 9\n", "rule 'r'.action.retries", "expected a whole number from 0 to 3"),
+        ("      retries: true\n", "rule 'r'.action.retries", "expected a whole number"),
+        ("      deadline_s: 0\n", "rule 'r'.action.deadline_s", "more than 0"),
+        ("      deadline_s: 61\n", "rule 'r'.action.deadline_s", "at most 60"),
+        ("      remov: x\n", "rule 'r'.action", "unknown key 'remov'"),
+        ("      retries: 1\n      retries: 1\n", "rule 'r'.action", "duplicate key 'retries'"),
+        ("", "rule 'r'.action", "-"),
+    ],
+)
+def test_action_errors_name_line_and_fix(extra: str, where: str, expected: str):
+    if expected == "-":  # the valid baseline: proves the cases above fail only for their line
+        parse(BASE.format(extra=extra))
+        return
+    msg = error_of(BASE.format(extra=extra))
+    line = 12 if "duplicate" in expected else 11
+    assert msg.startswith(f"test.yaml:{line}:"), msg
+    assert where in msg and expected in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "expected"),
+    [
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~m POST & (', response_any: [{ret: -2}]}\n"
+            "    action: {remove: a.b}\n",
+            4,
+            "not a valid mitmproxy flow filter",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~q', response_any: [{errmsg: {regex: '(('}}]}\n"
+            "    action: {remove: a.b}\n",
+            4,
+            "invalid regular expression",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~q', response_any: []}\n"
+            "    action: {remove: a.b}\n",
+            4,
+            "at least one condition",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~q', response_any: [{ret: [1, [2]]}]}\n"
+            "    action: {remove: a.b}\n",
+            4,
+            "expected a value",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~q', response_any: [{ret: -2}]}\n"
+            "    action: {remove: 'a..b'}\n",
+            5,
+            "dotted JSON path",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~q', response_any: [{ret: -2}], extra: 1}\n"
+            "    action: {remove: a.b}\n",
+            4,
+            "unknown key 'extra'",
+        ),
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~q', response_any: [{ret: -2}]}\n",
+            3,
+            "missing required key 'action'",
+        ),
+        ("version: 2\nrules: []\n", 1, "expected a whole number from 1 to 1"),
+        ("version: 1\nhosts: ['https://x.y/']\nrules: []\n", 2, "is not a hostname"),
+        ("version: 1\nhosts: x\nrules: []\n", 2, "expected a list of hostnames"),
+        ("version: 1\nrules: {}\n", 2, "expected a list of rules"),
+        ("version: 1\nrules: []\nrule: []\n", 3, "unknown key 'rule'"),
+        (
+            "version: 1\nrules:\n  - name: r\n    match: {filter: '~q', response_status: 700, response_any: [{a: 1}]}\n"
+            "    action: {remove: a.b}\n",
+            4,
+            "from 100 to 599",
+        ),
+        ("version: 1\nrules: [\n", 3, "not valid YAML"),
+    ],
+)
+def test_errors_point_at_the_line(text: str, line: int, expected: str):
+    msg = error_of(text)
+    assert re.match(rf"test\.yaml:{line}:\d+: ", msg), msg
+    assert expected in msg
+
+
+def test_duplicate_rule_names_are_rejected():
+    text = BASE.format(extra="") + (
+        "  - name: r\n    match: {filter: '~q', response_any: [{ret: -2}]}\n    action: {remove: x}\n"
+    )
+    msg = error_of(text)
+    assert "test.yaml:11:" in msg and "used twice" in msg and "line 4" in msg
+
+
+def test_empty_and_non_mapping_files():
+    assert "the file is empty" in error_of("")
+    assert "expected a mapping" in error_of("- 1\n- 2\n")
+
+
+def test_missing_file_is_a_rules_error(tmp_path: Path):
+    with pytest.raises(RulesError, match="rules file not found"):
+        rules.load_file(tmp_path / "nope.yaml")
+    with pytest.raises(RulesError, match="is a directory"):
+        rules.load_file(tmp_path)
+
+
+def test_host_patterns_match_host_and_port_only():
+    exact, wildcard = rules.host_patterns(["ilinkai.weixin.qq.com", "*.weixin.qq.com"])
+    assert re.search(exact, "ilinkai.weixin.qq.com:443")
+    assert not re.search(exact, "evilinkai.weixin.qq.com:443")
+    assert not re.search(exact, "ilinkai.weixin.qq.com.evil.com:443")
+    assert re.search(wildcard, "a.b.weixin.qq.com:443")
+    assert not re.search(wildcard, "weixin.qq.com:443")
+
+
+def test_describe_says_what_each_rule_does():
+    text = rules.describe(rules.load_default())
+    assert "1 rule" in text
+    assert "ret = -2" in text and "errcode = -14" in text
+    assert "re-issue it without msg.context_token, once, within 10 s" in text
+    assert "ilinkai.weixin.qq.com" in text
