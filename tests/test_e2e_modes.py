@@ -213,22 +213,49 @@ def test_untrusted_upstream_is_refused_without_the_ca(fake: FakeILink, tmp_path:
     assert not fake.sends()  # TLS failed before any request reached it
 
 
-def test_upstream_mode_reissues_through_the_same_upstream_proxy(fake: FakeILink, pki: TestPKI, tmp_path: Path):
+def test_upstream_mode_reissues_through_the_same_upstream_proxy(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path
+):
     # gateway -> ilink-fixproxy (upstream mode) -> a second mitmdump (the corporate proxy) -> iLink.
     # The re-issue must take the same way: the inner proxy sees both attempts.
     inner_conf = tmp_path / "inner"
     mitmdump = str(Path(sys.executable).parent / "mitmdump")
-    with ProxyProcess([mitmdump, "--listen-host", "127.0.0.1", "--listen-port", "0",
-                       "--set", f"confdir={inner_conf}",
-                       "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_cert}"],
-                      ready=READY_MITMDUMP) as inner:
+    with ProxyProcess(
+        [
+            mitmdump,
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            "0",
+            "--set",
+            f"confdir={inner_conf}",
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={pki.ca_cert}",
+        ],
+        ready=READY_MITMDUMP,
+    ) as inner:
         rules = write_rules(tmp_path / "rules.yaml")
         outer_conf = tmp_path / "outer"
-        with start_proxy("--mode", "forward", "--set", f"mode=upstream:{inner.url}",
-                         "--rules", str(rules), "--confdir", str(outer_conf),
-                         "--upstream-ca", str(inner_conf / "mitmproxy-ca-cert.pem")) as outer, \
-                httpx.Client(proxy=outer.url, verify=tls_context(outer_conf / "mitmproxy-ca-cert.pem"),
-                             trust_env=False, timeout=30) as c:
+        with (
+            start_proxy(
+                "--mode",
+                "forward",
+                "--set",
+                f"mode=upstream:{inner.url}",
+                "--rules",
+                str(rules),
+                "--confdir",
+                str(outer_conf),
+                "--upstream-ca",
+                str(inner_conf / "mitmproxy-ca-cert.pem"),
+            ) as outer,
+            httpx.Client(
+                proxy=outer.url,
+                verify=tls_context(outer_conf / "mitmproxy-ca-cert.pem"),
+                trust_env=False,
+                timeout=30,
+            ) as c,
+        ):
             r = c.post(fake.url + SEND, content=send_body(STALE), headers=HEADERS)
         assert r.headers["x-ilink-fixproxy"].startswith("repaired")
         assert len(fake.sends()) == 2

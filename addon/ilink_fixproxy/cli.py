@@ -336,10 +336,10 @@ class StartupReport:
 
 
 async def serve(s: Settings) -> int:
-    from mitmproxy import addons, exceptions, master, options
-    from mitmproxy.addons import dumper, errorcheck, script
+    from mitmproxy import exceptions, master, options
 
     from .addon import IlinkFixProxy
+    from .chain import proxy_addons
 
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("asyncio", "hpack", "passlib"):
@@ -351,13 +351,7 @@ async def serve(s: Settings) -> int:
 
     opts = options.Options()
     m = master.Master(opts, with_termlog=True)
-    chain = addons.default_addons()
-    # Sit where `-s` scripts sit (right after the script loader), so save/HAR addons that
-    # follow record the repaired answer, exactly as with `mitmdump -s`.
-    at = next(i for i, a in enumerate(chain) if isinstance(a, script.ScriptLoader)) + 1
-    chain.insert(at, IlinkFixProxy())
-    m.addons.add(*chain)
-    m.addons.add(dumper.Dumper(), errorcheck.ErrorCheck(), StartupReport(s))
+    m.addons.add(*proxy_addons(IlinkFixProxy(), StartupReport(s)))
     try:
         opts.update(**mitmproxy_options(s))
         if s.setoptions:
