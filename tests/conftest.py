@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from ilink_fixproxy.launcher import READY_MITMDUMP, ProxyProcess, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import FakeILink, TestPKI, make_pki
 
@@ -79,12 +80,26 @@ def start_mitmdump(*args: str) -> ProxyProcess:
     return ProxyProcess(argv, ready=READY_MITMDUMP)
 
 
+def core_rules(directory: Path) -> Path:
+    """The shipped rules without their peer_state section: the plain re-issue, no memory between
+    requests, so tests sharing one proxy cannot influence each other."""
+    doc = yaml.safe_load((ROOT / "rules.yaml").read_text())
+    for rule in doc["rules"]:
+        rule.pop("peer_state", None)
+    doc.pop("updates", None)
+    path = directory / "core-rules.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="module")
 def proxy(
     fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
-    """ilink-fixproxy in reverse mode (the default) in front of the fake, with the shipped rules."""
+    """ilink-fixproxy in reverse mode (the default) in front of the fake, with the shipped rules
+    minus peer state (tested on its own in test_e2e_peers.py)."""
     conf = tmp_path_factory.mktemp("conf")
+    rules = core_rules(conf)
     with start_proxy(
         "--upstream",
         fake_server.url,
@@ -93,7 +108,7 @@ def proxy(
         "--confdir",
         str(conf),
         "--rules",
-        str(ROOT / "rules.yaml"),
+        str(rules),
     ) as p:
         yield p
 

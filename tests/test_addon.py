@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import HEADERS, ROOT, SEND, send_body
+from conftest import HEADERS, SEND, core_rules, send_body
 from ilink_fixproxy.addon import HEADER, IlinkFixProxy
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 from mitmproxy import exceptions, http
@@ -16,6 +17,8 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 STALE = "stale-ctx-in-process"
+# The stateless repair path (peer state has its own tests).
+CORE_RULES = core_rules(Path(tempfile.mkdtemp(prefix="ilink-core-rules-")))
 
 
 def flow_to(
@@ -71,11 +74,18 @@ def test_only_selected_flows_are_buffered():
         addon.requestheaders(send)
         assert not send.request.stream
 
+        config = tflow.tflow(resp=True)
+        config.request = http.Request.make("POST", "https://ilinkai.weixin.qq.com/ilink/bot/getconfig", b"")
+        addon.requestheaders(config)
+        addon.responseheaders(config)
+        assert config.request.stream and config.response.stream
+
+        # getupdates answers are read (never changed) to learn fresh tokens
         poll = tflow.tflow(resp=True)
         poll.request = http.Request.make("POST", "https://ilinkai.weixin.qq.com/ilink/bot/getupdates", b"")
         addon.requestheaders(poll)
         addon.responseheaders(poll)
-        assert poll.request.stream and poll.response.stream
+        assert not poll.request.stream and not poll.response.stream
 
         huge = tflow.tflow(resp=True)
         huge.request = http.Request.make("POST", "https://ilinkai.weixin.qq.com" + SEND, b"")
@@ -96,7 +106,7 @@ def repair(addon: IlinkFixProxy, f: http.HTTPFlow, pki: TestPKI, **opts) -> None
             tctx.configure(
                 addon,
                 ssl_verify_upstream_trusted_ca=str(pki.ca_cert),
-                ilink_rules=str(ROOT / "rules.yaml"),
+                ilink_rules=str(CORE_RULES),
                 **opts,
             )
             await addon.response(f)
@@ -142,7 +152,7 @@ def test_reissue_failure_keeps_the_original_and_says_so(fake_ilink: FakeILink, p
 
 def test_retries_zero_only_annotates(fake_ilink: FakeILink, pki: TestPKI, tmp_path: Path):
     rules = tmp_path / "r.yaml"
-    rules.write_text((ROOT / "rules.yaml").read_text().replace("retries: 1 ", "retries: 0 "))
+    rules.write_text(CORE_RULES.read_text().replace("retries: 1", "retries: 0"))
     addon = IlinkFixProxy()
     f = flow_to(fake_ilink.url, send_body(STALE))
 

@@ -219,3 +219,48 @@ def test_describe_says_what_each_rule_does():
     assert "ret = -2" in text and "errcode = -14" in text
     assert "re-issue it without msg.context_token, once, within 10 s" in text
     assert "ilinkai.weixin.qq.com" in text
+
+
+def test_peer_state_defaults_and_overrides():
+    from ilink_fixproxy.rules import Cooldown, PeerState
+
+    rs = parse(BASE.format(extra="") + "    peer_state:\n")
+    assert rs.rules[0].peer_state == PeerState()
+    assert rs.updates is not None and rs.updates.filter_expr == rules.DEFAULT_UPDATES_FILTER
+    rs = parse(
+        BASE.format(extra="")
+        + "    peer_state:\n      on_closed: pass-through\n      substitute_fresh: false\n"
+        "      max_attempts: 3\n      cooldown: {after: 5}\n      peer: msg.to\n"
+    )
+    ps = rs.rules[0].peer_state
+    assert ps.on_closed == "pass-through" and not ps.substitute_fresh and ps.max_attempts == 3
+    assert ps.cooldown == Cooldown(after=5) and ps.peer == ("msg", "to")
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        ("      on_closed: drop\n", "'drop' is not one of: answer-locally, pass-through"),
+        ("      remember_stale: yes please\n", "expected true or false"),
+        ("      closed_for_s: -1\n", "expected seconds"),
+        ("      max_attempts: 9\n", "from 1 to 5"),
+        ("      cooldown: {after: 0}\n", "from 1 to 1000"),
+        ("      cooldown: {later: 1}\n", "unknown key 'later'"),
+        ("      colour: red\n", "unknown key 'colour'"),
+    ],
+)
+def test_peer_state_errors_name_the_line(block: str, expected: str):
+    msg = error_of(BASE.format(extra="") + "    peer_state:\n" + block)
+    assert msg.startswith("test.yaml:12:"), msg
+    assert expected in msg
+
+
+def test_updates_filter_is_validated():
+    msg = error_of("version: 1\nupdates: {filter: '~u ('}\nrules: []\n")
+    assert msg.startswith("test.yaml:2:") and "not a valid mitmproxy flow filter" in msg
+
+
+def test_shipped_rules_use_peer_state():
+    (rule,) = rules.load_default().rules
+    assert rule.peer_state is not None and rule.peer_state.on_closed == "answer-locally"
+    assert "peer state" in rules.describe(rules.load_default())

@@ -19,8 +19,10 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import human
 
 from . import rules as rules_mod
+from . import state as state_mod
 from .jsonedit import get_path, remove_member
-from .matching import AnswerSummary, first_rule, parse_json_object
+from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object
+from .peers import PeerTracker
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer, UpstreamTrust
 from .rules import Rule, RuleSet
@@ -30,6 +32,12 @@ log = logging.getLogger("ilink_fixproxy")
 HEADER = "X-Ilink-Fixproxy"
 MARK_REPAIRED = ":wrench:"
 MARK_STILL_FAILING = ":warning:"
+_MARKS = {
+    "repaired": MARK_REPAIRED,
+    "substituted": MARK_REPAIRED,
+    "stripped": MARK_REPAIRED,
+    "replayed": ":leftwards_arrow_with_hook:",
+}
 INTERCEPT_CHOICES = ("rule-hosts", "all")
 _TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
 
@@ -40,6 +48,9 @@ class IlinkFixProxy:
         self.buffer_limit = 1024 * 1024
         self.reissuer = Reissuer(max_answer_bytes=self.buffer_limit)
         self._managed_allow_hosts: list[str] = []
+        self.tracker: PeerTracker | None = None
+        self._state_key: tuple[str, ...] | None = None
+        self._running = False
 
     # ------------------------------------------------------------------ options
 
@@ -66,6 +77,14 @@ class IlinkFixProxy:
             "hosts listed in the rules file and tunnels every other host untouched (unless "
             "allow_hosts/ignore_hosts are set explicitly); 'all' leaves mitmproxy's default.",
             choices=list(INTERCEPT_CHOICES),
+        )
+        loader.add_option(
+            "ilink_state",
+            str,
+            "",
+            "Peer-state file (SQLite) for rules with peer_state: fresh and stale tokens, closed send "
+            "windows, cooldowns, sent client_ids. Empty: ilink-fixproxy-state.sqlite3 in the confdir; "
+            "':memory:' keeps nothing across restarts. One running proxy per file.",
         )
         # mitmproxy calls configure() only for options that change later (or, for `-s` scripts,
         # once with all of them), so start from the packaged rules rather than from nothing.
@@ -113,6 +132,44 @@ class IlinkFixProxy:
             )
         if updated & {"ilink_rules", "ilink_intercept", "mode", "allow_hosts", "ignore_hosts"}:
             self._sync_allow_hosts()
+        # The store is opened once mitmproxy runs, not while options are still being applied: a
+        # rejected option makes mitmproxy re-apply the previous values, which would otherwise open
+        # (and lock) the default state file as a side effect.
+        if self._running and updated & {"ilink_rules", "ilink_state", "confdir"}:
+            self._open_state()
+
+    def running(self) -> None:
+        self._running = True
+        try:
+            self._open_state()
+        except exceptions.OptionsError as e:
+            log.error(str(e))  # mitmproxy's errorcheck stops a proxy that logged an error at startup
+
+    def _open_state(self) -> None:
+        """Open the peer-state store when the rules need one (and only then: no stray files)."""
+        if not self.ruleset.uses_peer_state:
+            self._close_state()
+            return
+        path = ctx.options.ilink_state or state_mod.default_path(ctx.options.confdir)
+        key = (path,)
+        if key == self._state_key and self.tracker is not None:
+            return
+        self._close_state()
+        try:
+            store = state_mod.StateStore(path)
+        except state_mod.StateError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        self.tracker = PeerTracker(store, self.reissuer)
+        self._state_key = key
+        log.info(f"ilink-fixproxy: peer state in {path}")
+
+    def _close_state(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        self.tracker, self._state_key = None, None
+
+    def done(self) -> None:
+        self._close_state()
 
     def _sync_allow_hosts(self) -> None:
         """Forward mode: intercept only the rules' hosts, so other traffic never needs our CA."""
@@ -136,14 +193,47 @@ class IlinkFixProxy:
     # ------------------------------------------------------------------ hooks
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not self._candidates(flow) or self._too_large(flow.request.headers):
+        if not (self._candidates(flow) or self._is_update(flow)) or self._too_large(flow.request.headers):
             flow.request.stream = True
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if self.tracker is None or flow.response is not None or flow.request.raw_content is None:
+            return
+        picked = self._peer_state_rule(flow)
+        if picked is None:
+            return
+        rule, doc = picked
+        try:
+            outcome = await self.tracker.handle(flow, rule, doc)
+        except Exception as e:  # never worse than no proxy: mitmproxy forwards it as usual
+            log.warning(
+                f"{_endpoint(flow)}: peer-state handling failed, forwarding as is: {type(e).__name__}: {e}"
+            )
+            return
+        if outcome.response is None:
+            return
+        flow.response = outcome.response
+        flow.metadata["ilink_fixproxy"] = {"decision": outcome.decision, "rule": rule.name, "handled": True}
+        if outcome.decision != "passed":
+            flow.comment = (
+                f"ilink-fixproxy {outcome.decision} (rule {rule.name}): "
+                + flow.response.headers.get(HEADER, "")
+            )
+            flow.marked = _MARKS.get(outcome.decision, MARK_STILL_FAILING)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.request.stream or (flow.response and self._too_large(flow.response.headers)):
             flow.response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        if self.tracker is not None and self._is_update(flow):
+            try:
+                self.tracker.observe_updates(flow)
+            except Exception as e:  # the poll's answer passes on untouched whatever happens here
+                log.warning(f"getupdates: could not record inbound messages: {type(e).__name__}: {e}")
+            return
+        if flow.metadata.get("ilink_fixproxy", {}).get("handled"):
+            return
         selected = self._selected(flow)
         if selected is None:
             return
@@ -160,6 +250,22 @@ class IlinkFixProxy:
 
     def _candidates(self, flow: http.HTTPFlow) -> list[Rule]:
         return [r for r in self.ruleset.rules if r.match.filter(flow)]
+
+    def _is_update(self, flow: http.HTTPFlow) -> bool:
+        updates = self.ruleset.updates
+        return updates is not None and bool(updates.filter(flow))
+
+    def _peer_state_rule(self, flow: http.HTTPFlow) -> tuple[Rule, dict[str, Any]] | None:
+        rules = [r for r in self._candidates(flow) if r.peer_state]
+        if not rules or flow.request.headers.get("content-encoding", "identity") != "identity":
+            return None
+        doc = parse_json_object(flow.request.raw_content)
+        if doc is None:
+            return None
+        for rule in rules:
+            if all(condition_holds(c, doc) for c in rule.match.request_match):
+                return rule, doc
+        return None
 
     def _too_large(self, headers: http.Headers) -> bool:
         try:

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
               check [PATH]   validate a rules file and print what each rule does (exit 0/1)
               ca             print where the CA certificate is (forward mode) and how to trust it
               demo           show a repair against a fake iLink on loopback (no account, no network)
+              state [list]   what the proxy remembers about peers (hashed ids unless --show-ids)
+              state forget PEER   forget one peer (its id, or the hash `state` shows)
 
             examples:
               ilink-fixproxy                                  # 127.0.0.1:8765 -> iLink
@@ -110,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mitmproxy configuration directory, holds the CA (default {DEFAULT_CONFDIR})",
     )
     parser.add_argument(
+        "--state",
+        metavar="PATH",
+        default=None,
+        help="peer-state file for rules with peer_state (default: ilink-fixproxy-state.sqlite3 in the "
+        "confdir; ':memory:' keeps nothing across restarts)",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -141,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
     )
     sub.add_parser("demo", help="repair a stale-token send against a fake iLink on loopback")
+    p_state = sub.add_parser("state", help="list what the proxy remembers about peers, or forget one")
+    p_state.add_argument("action", nargs="?", choices=["list", "forget"], default="list")
+    p_state.add_argument("peer", nargs="?", help="with forget: the peer id, or the hash `state` shows")
+    p_state.add_argument(
+        "--state",
+        metavar="PATH",
+        default=None,
+        dest="state_path",
+        help="state file (default: the one in --confdir)",
+    )
+    p_state.add_argument(
+        "--confdir",
+        metavar="DIR",
+        default=None,
+        dest="state_confdir",
+        help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
+    )
+    p_state.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
     return parser
 
 
@@ -202,6 +229,7 @@ class Settings:
     confdir: Path
     ssl_insecure: bool
     upstream_bundle: Path | None
+    state: str | None = None
     verbose: bool = False
     setoptions: list[str] = field(default_factory=list)
 
@@ -224,17 +252,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if "=" not in item:
             raise UsageError(f"--set {item!r}: expected NAME=VALUE")
     return Settings(
-        host,
-        port,
-        args.mode,
-        upstream,
-        rules_path,
-        ruleset,
-        confdir,
-        args.ssl_insecure,
-        bundle,
-        args.verbose,
-        list(args.setoptions),
+        listen_host=host,
+        listen_port=port,
+        mode=args.mode,
+        upstream=upstream,
+        rules_path=rules_path,
+        ruleset=ruleset,
+        confdir=confdir,
+        ssl_insecure=args.ssl_insecure,
+        upstream_bundle=bundle,
+        state=args.state,
+        verbose=args.verbose,
+        setoptions=list(args.setoptions),
     )
 
 
@@ -288,6 +317,8 @@ def mitmproxy_options(s: Settings) -> dict[str, object]:
         # Negotiate with the client before connecting upstream, so an HTTP/2 client works even
         # when the upstream only speaks HTTP/1.1 (eager mode would mirror the upstream's ALPN).
         opts["connection_strategy"] = "lazy"
+    if s.state:
+        opts["ilink_state"] = s.state
     if s.upstream_bundle:
         opts["ssl_verify_upstream_trusted_ca"] = str(s.upstream_bundle)
     return opts
@@ -356,9 +387,10 @@ async def serve(s: Settings) -> int:
         opts.update(**mitmproxy_options(s))
         if s.setoptions:
             opts.set(*s.setoptions)
-    except (exceptions.OptionsError, KeyError, ValueError, NotImplementedError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise UsageError(f"invalid option: {msg}") from None
+    except KeyError as e:  # opts.update/set: names no addon declared
+        raise UsageError(f"invalid option: {e.args[0] if e.args else e}") from None
+    except (exceptions.OptionsError, ValueError, NotImplementedError) as e:
+        raise UsageError(str(e)) from None
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -369,9 +401,23 @@ async def serve(s: Settings) -> int:
     return 0
 
 
+def check_state_free(s: Settings) -> None:
+    """Refuse early, in one line, when another proxy holds the state file."""
+    from . import state as state_mod
+
+    if not s.ruleset.uses_peer_state:
+        return
+    path = s.state or state_mod.default_path(str(s.confdir))
+    try:
+        state_mod.StateStore(path).close()
+    except state_mod.StateError as e:
+        raise UsageError(str(e)) from None
+
+
 def run_proxy(args: argparse.Namespace) -> int:
     s = settings_from_args(args)
     check_port_free(s.listen_host, s.listen_port)
+    check_state_free(s)
     return asyncio.run(serve(s))
 
 
@@ -413,6 +459,33 @@ def cmd_ca(confdir_arg: str | None) -> int:
     return 0
 
 
+def cmd_state(action: str, peer: str | None, path: str | None, confdir: str | None, show_ids: bool) -> int:
+    from . import state as state_mod
+    from .peers import describe_state
+    from .redact import token_hash
+
+    file = path or state_mod.default_path(confdir or DEFAULT_CONFDIR)
+    if file != state_mod.MEMORY and not Path(file).exists():
+        raise UsageError(f"no state file at {file} (the proxy creates it on start; see --state)")
+    try:
+        store = state_mod.StateStore(file, lock=False)  # readable while the proxy runs
+    except state_mod.StateError as e:
+        raise UsageError(str(e)) from None
+    try:
+        if action == "forget":
+            if not peer:
+                raise UsageError("state forget needs a PEER (its id, or the hash `state` shows)")
+            removed = store.forget_peer(peer, token_hash)
+            if not removed:
+                raise UsageError(f"no peer {peer!r} in {file}")
+            print(f"forgot {peer}: {removed} record(s) removed")
+            return 0
+        print(describe_state(store, show_ids=show_ids))
+        return 0
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -421,6 +494,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args.path)
         if args.command == "ca":
             return cmd_ca(args.ca_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None))
+        if args.command == "state":
+            return cmd_state(
+                args.action,
+                args.peer,
+                args.state_path,
+                args.state_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None),
+                args.show_ids,
+            )
         if args.command == "demo":
             from .demo import run_demo
 

@@ -36,7 +36,15 @@ _HOP_BY_HOP = frozenset(
 
 
 class ReissueError(Exception):
-    """The re-issue produced no usable answer; the caller keeps the original one."""
+    """The re-issue produced no usable answer; the caller keeps the original one.
+
+    `sent` is False only when the request certainly never reached the upstream (the connection
+    could not be made), so sending it another way cannot deliver it twice.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,7 @@ class Reissuer:
     ) -> http.Response:
         """Send `request` with `body` instead of its own; ReissueError on any failure."""
         if timeout <= 0:
-            raise ReissueError("no time left before the deadline")
+            raise ReissueError("no time left before the deadline", sent=False)
         headers = [
             (k, v) for k, v in request.headers.fields if k.decode("latin-1").lower() not in _HOP_BY_HOP
         ]
@@ -132,6 +140,8 @@ class Reissuer:
                     await answer.aclose()
         except TimeoutError:
             raise ReissueError(f"no answer within {timeout:.1f} s") from None
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+            raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=False) from None
         except httpx.HTTPError as e:
             raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}") from None
 

@@ -21,6 +21,7 @@ from .jsonedit import Path as JsonPath
 from .jsonedit import parse_path
 
 DEFAULT_RULES_NAME = "default_rules.yaml"
+DEFAULT_UPDATES_FILTER = "~m POST & ~u /ilink/bot/getupdates"
 SUPPORTED_VERSION = 1
 MAX_RETRIES = 3
 MAX_DEADLINE_S = 60.0
@@ -97,6 +98,33 @@ class Action:
     deadline_s: float
 
 
+ON_CLOSED_CHOICES = ("answer-locally", "pass-through")
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    """Genuine rate limits: `after` of them within `within_s` cool the bot down for `for_s`."""
+
+    after: int = 3
+    within_s: float = 600.0
+    for_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """What the proxy remembers about peers for this rule (see README "Peer state")."""
+
+    peer: JsonPath = ("msg", "to_user_id")
+    client_id: JsonPath = ("msg", "client_id")
+    substitute_fresh: bool = True
+    remember_stale: bool = True
+    on_closed: str = "answer-locally"
+    closed_for_s: float = 3600.0
+    dedupe_s: float = 600.0
+    max_attempts: int = 2
+    cooldown: Cooldown = Cooldown()
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -104,6 +132,15 @@ class Rule:
     match: Match
     action: Action
     line: int
+    peer_state: PeerState | None = None
+
+
+@dataclass(frozen=True)
+class Updates:
+    """Where fresh context tokens are learnt: answers listing inbound messages (`msgs[]`)."""
+
+    filter_expr: str
+    filter: Callable[[Any], bool] = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,11 @@ class RuleSet:
     source: str
     hosts: tuple[str, ...]
     rules: tuple[Rule, ...]
+    updates: Updates | None = None
+
+    @property
+    def uses_peer_state(self) -> bool:
+        return any(r.peer_state for r in self.rules)
 
 
 # --------------------------------------------------------------------------- loading
@@ -234,7 +276,7 @@ class _Parser:
             raise RulesError(f"{self.source}: not valid YAML: {e}") from None
         if root is None:
             raise RulesError(f"{self.source}: the file is empty (expected version, hosts and rules)")
-        top = self._mapping(root, "top level", ("version", "hosts", "rules"), ("version", "rules"))
+        top = self._mapping(root, "top level", ("version", "hosts", "updates", "rules"), ("version", "rules"))
         self._int(top["version"], "version", SUPPORTED_VERSION, SUPPORTED_VERSION)
         hosts = self._hosts(top["hosts"]) if "hosts" in top else ()
         rule_nodes = self._sequence(top["rules"], "rules", "rules")
@@ -247,7 +289,91 @@ class _Parser:
                     f"(first at line {seen[rule.name].line}); names must be unique"
                 )
             seen[rule.name] = rule
-        return RuleSet(source=self.source, hosts=hosts, rules=rules)
+        updates = None
+        if "updates" in top or any(r.peer_state for r in rules):
+            updates = self._updates(top.get("updates"))
+        return RuleSet(source=self.source, hosts=hosts, rules=rules, updates=updates)
+
+    def _filter(self, node: yaml.Node, where: str) -> tuple[str, Callable[[Any], bool]]:
+        expr = self._string(node, where)
+        try:
+            return expr, flowfilter.parse(expr)
+        except ValueError:
+            raise self._fail(
+                node,
+                where,
+                f'{expr!r} is not a valid mitmproxy flow filter (e.g. "~m POST & ~u /ilink/bot/sendmessage")',
+            ) from None
+
+    def _updates(self, node: yaml.Node | None) -> Updates:
+        if node is None:
+            return Updates(DEFAULT_UPDATES_FILTER, flowfilter.parse(DEFAULT_UPDATES_FILTER))
+        m = self._mapping(node, "updates", ("filter",), ("filter",))
+        expr, flt = self._filter(m["filter"], "updates.filter")
+        return Updates(expr, flt)
+
+    def _bool(self, node: yaml.Node, where: str) -> bool:
+        value = self._scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if not isinstance(value, bool):
+            raise self._fail(node, where, "expected true or false")
+        return value
+
+    def _seconds(self, node: yaml.Node, where: str, hi: float) -> float:
+        value = self._scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= hi:
+            raise self._fail(node, where, f"expected seconds, more than 0 and at most {hi:g}")
+        return float(value)
+
+    def _peer_state(self, node: yaml.Node, where: str) -> PeerState:
+        if isinstance(node, yaml.ScalarNode) and self._scalar(node) is None:
+            return PeerState()  # `peer_state:` with nothing after it: all defaults
+        keys = (
+            "peer",
+            "client_id",
+            "substitute_fresh",
+            "remember_stale",
+            "on_closed",
+            "closed_for_s",
+            "dedupe_s",
+            "max_attempts",
+            "cooldown",
+        )
+        m = self._mapping(node, where, keys)
+        d = PeerState()
+        kw: dict[str, Any] = {}
+        for key in ("peer", "client_id"):
+            if key in m:
+                kw[key] = self._json_path(m[key], f"{where}.{key}")
+        for key in ("substitute_fresh", "remember_stale"):
+            if key in m:
+                kw[key] = self._bool(m[key], f"{where}.{key}")
+        if "on_closed" in m:
+            value = self._string(m["on_closed"], f"{where}.on_closed")
+            if value not in ON_CLOSED_CHOICES:
+                raise self._fail(
+                    m["on_closed"],
+                    f"{where}.on_closed",
+                    f"{value!r} is not one of: {', '.join(ON_CLOSED_CHOICES)}",
+                )
+            kw["on_closed"] = value
+        for key in ("closed_for_s", "dedupe_s"):
+            if key in m:
+                kw[key] = self._seconds(m[key], f"{where}.{key}", 7 * 86400)
+        if "max_attempts" in m:
+            kw["max_attempts"] = self._int(m["max_attempts"], f"{where}.max_attempts", 1, 5)
+        if "cooldown" in m:
+            c = self._mapping(m["cooldown"], f"{where}.cooldown", ("after", "within_s", "for_s"))
+            dc = d.cooldown
+            kw["cooldown"] = Cooldown(
+                after=self._int(c["after"], f"{where}.cooldown.after", 1, 1000) if "after" in c else dc.after,
+                within_s=self._seconds(c["within_s"], f"{where}.cooldown.within_s", 86400)
+                if "within_s" in c
+                else dc.within_s,
+                for_s=self._seconds(c["for_s"], f"{where}.cooldown.for_s", 86400)
+                if "for_s" in c
+                else dc.for_s,
+            )
+        return PeerState(**{**d.__dict__, **kw})
 
     def _hosts(self, node: yaml.Node) -> tuple[str, ...]:
         hosts = []
@@ -265,15 +391,21 @@ class _Parser:
 
     def _rule(self, node: yaml.Node, where: str) -> Rule:
         m = self._mapping(
-            node, where, ("name", "description", "match", "action"), ("name", "match", "action")
+            node, where, ("name", "description", "match", "action", "peer_state"), ("name", "match", "action")
         )
         name = self._string(m["name"], f"{where}.name")
         where = f"rule {name!r}"
         description = self._string(m["description"], f"{where}.description") if "description" in m else ""
         action = self._action(m["action"], f"{where}.action")
         match = self._match(m["match"], f"{where}.match", action.remove)
+        peer_state = self._peer_state(m["peer_state"], f"{where}.peer_state") if "peer_state" in m else None
         return Rule(
-            name=name, description=description, match=match, action=action, line=node.start_mark.line + 1
+            name=name,
+            description=description,
+            match=match,
+            action=action,
+            line=node.start_mark.line + 1,
+            peer_state=peer_state,
         )
 
     def _match(self, node: yaml.Node, where: str, removed: JsonPath) -> Match:
@@ -283,15 +415,7 @@ class _Parser:
             ("filter", "request_has", "request_match", "response_status", "response_any"),
             ("filter", "response_any"),
         )
-        expr = self._string(m["filter"], f"{where}.filter")
-        try:
-            flt = flowfilter.parse(expr)
-        except ValueError:
-            raise self._fail(
-                m["filter"],
-                f"{where}.filter",
-                f'{expr!r} is not a valid mitmproxy flow filter (e.g. "~m POST & ~u /ilink/bot/sendmessage")',
-            ) from None
+        expr, flt = self._filter(m["filter"], f"{where}.filter")
 
         if "request_has" in m:
             has_node = m["request_has"]
@@ -445,4 +569,36 @@ def describe(ruleset: RuleSet) -> str:
                 f"    then re-issue it without {'.'.join(a.remove)}, {times}, within {a.deadline_s:g} s "
                 "of the request; if that fails the original answer is kept"
             )
+        if rule.peer_state:
+            lines.extend("    " + line for line in _describe_peer_state(rule.peer_state, a))
+    if ruleset.updates:
+        lines.append("")
+        lines.append(f"  fresh tokens are learnt from answers to  {ruleset.updates.filter_expr}")
     return "\n".join(lines)
+
+
+def _describe_peer_state(ps: PeerState, a: Action) -> list[str]:
+    field_name = ".".join(a.remove)
+    peer, cid = ".".join(ps.peer), ".".join(ps.client_id)
+    out = [f"peer state (peer = {peer}, message = {cid}):"]
+    if ps.substitute_fresh:
+        out.append(f"  a {field_name} older than the newest one seen for the peer is replaced by it")
+    if ps.remember_stale:
+        out.append(f"  a {field_name} proven stale is removed before the send goes out")
+    if ps.on_closed == "answer-locally":
+        out.append(
+            f"  if even the send without {field_name} is refused, the peer's window is closed: later sends "
+            f"are answered locally with that refusal until the peer writes (at most {ps.closed_for_s:g} s)"
+        )
+    else:
+        out.append("  closed windows are only recorded; sends still go to iLink (on_closed: pass-through)")
+    c = ps.cooldown
+    out.append(
+        f"  {c.after} genuine rate limits within {c.within_s:g} s cool the bot down for {c.for_s:g} s "
+        "(sends answered locally)"
+    )
+    out.append(
+        f"  at most {ps.max_attempts} upstream attempts per {cid}; a retry while it is on its way waits "
+        f"for it; one iLink accepted is answered from memory for {ps.dedupe_s:g} s"
+    )
+    return out

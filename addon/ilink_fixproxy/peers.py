@@ -1,0 +1,401 @@
+"""Peer state in action: fresh tokens, stale memory, closed windows, cooldowns, one delivery per
+message.
+
+For a send selected by a rule with ``peer_state``, the proxy owns the whole upstream exchange
+(first attempt and any re-issue) instead of letting mitmproxy forward it. That is what makes
+idempotency possible: mitmproxy aborts the upstream exchange when the gateway's client times out,
+so the answer to a send iLink may already have delivered would be lost and the gateway's retry
+would deliver it again. Here the exchange runs as a task shielded from the client connection;
+a retry of the same ``client_id`` waits for it, or gets its stored answer.
+
+Never worse than no proxy: if the first attempt cannot even connect, the flow is handed back to
+mitmproxy's own forwarding; a failed re-issue leaves the answer already received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+
+from .jsonedit import get_path, remove_member, replace_value
+from .matching import AnswerSummary, answer_is_failure, parse_json_object
+from .redact import token_hash
+from .reissue import ReissueError, Reissuer
+from .rules import PeerState, Rule, RuleSet
+from .state import StateStore
+
+log = logging.getLogger("ilink_fixproxy")
+
+HEADER = "X-Ilink-Fixproxy"
+FRESH_CACHE_SIZE = 100_000
+# The first attempt is not bounded by the rule's deadline (that is for re-issues: a slow but
+# successful answer must still reach the caller), only by this, so nothing hangs forever.
+FIRST_ATTEMPT_TIMEOUT_S = 60.0
+_STORED_HEADER_SKIP = frozenset(
+    {"content-length", "content-encoding", "transfer-encoding", "date", HEADER.lower()}
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one message's exchange ended with."""
+
+    response: http.Response | None  # None: hand the flow back to mitmproxy's own forwarding
+    decision: str
+    accepted: bool = False
+
+
+@dataclass
+class _Attempt:
+    token: str | None
+    response: http.Response
+    body: bytes
+    doc: dict[str, Any] | None
+
+
+@dataclass
+class _Send:
+    """One message on its way: who, to whom, and what was tried."""
+
+    rule: Rule
+    request: http.Request
+    via: Any
+    bot: str
+    peer: str | None
+    client_id: str | None
+    token: str | None  # the token the gateway sent (None: none)
+    deadline: float
+    budget: int  # upstream attempts this message may still use
+    attempts: list[_Attempt] = field(default_factory=list)
+    sent: int = 0  # attempts that (may have) reached the upstream
+    reissue_failed: bool = False
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _local_response(
+    status: int, body: bytes, note: str, headers: list[tuple[str, str]] | None = None
+) -> http.Response:
+    fields = [
+        (k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+        for k, v in (headers or [("Content-Type", "application/json")])
+        if k.lower() not in _STORED_HEADER_SKIP
+    ]
+    response = http.Response.make(status, body, fields)
+    response.headers[HEADER] = note
+    return response
+
+
+class PeerTracker:
+    def __init__(self, store: StateStore, reissuer: Reissuer) -> None:
+        self.store = store
+        self.reissuer = reissuer
+        self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
+        self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------------ learning from getupdates
+
+    def observe_updates(self, flow: http.HTTPFlow) -> int:
+        """Record each inbound message's sender and context_token; returns how many were seen."""
+        if flow.response is None or flow.response.status_code != 200:
+            return 0
+        try:
+            doc = parse_json_object(flow.response.get_content(strict=True))
+        except ValueError:
+            return 0
+        msgs = doc.get("msgs") if doc else None
+        if not isinstance(msgs, list):
+            return 0
+        bot = self.bot_of(flow.request)
+        now = time.time()
+        seen = 0
+        for msg in msgs:
+            if not isinstance(msg, dict) or not (peer := _text(msg.get("from_user_id"))):
+                continue
+            token = _text(msg.get("context_token"))
+            self.store.saw_inbound(bot, peer, self.store.keyed_hash(token) if token else None, now)
+            if token:
+                self._fresh[(bot, peer)] = token
+                self._fresh.move_to_end((bot, peer))
+                if len(self._fresh) > FRESH_CACHE_SIZE:
+                    self._fresh.popitem(last=False)
+            seen += 1
+        if seen:
+            log.info(f"getupdates: {seen} inbound message(s); their senders' send windows are open")
+        return seen
+
+    def bot_of(self, request: http.Request) -> str:
+        return self.store.keyed_hash(request.headers.get("authorization", ""))
+
+    def fresh_token(self, bot: str, peer: str | None) -> str | None:
+        """The newest token seen for the peer, if the store still agrees it is the newest."""
+        if not peer or (token := self._fresh.get((bot, peer))) is None:
+            return None
+        p = self.store.peer(bot, peer)
+        if p is None or p.newest_token != self.store.keyed_hash(token):
+            self._fresh.pop((bot, peer), None)  # forgotten (`state forget`) or superseded
+            return None
+        return token
+
+    # ------------------------------------------------------------------ a send
+
+    async def handle(self, flow: http.HTTPFlow, rule: Rule, doc: dict[str, Any]) -> Outcome:
+        ps = rule.peer_state
+        assert ps is not None
+        now = time.time()
+        bot = self.bot_of(flow.request)
+        peer = _text(get_path(doc, ps.peer)[1])
+        client_id = _text(get_path(doc, ps.client_id)[1])
+        key = (bot, client_id) if client_id else None
+
+        if key and (running := self._inflight.get(key)) is not None:
+            await asyncio.shield(running)  # a retry of a message still on its way: wait for it
+        prior = 0
+        if key:
+            msg = self.store.message(bot, client_id, since=now - ps.dedupe_s)  # type: ignore[arg-type]
+            if msg and msg.accepted and msg.status is not None:
+                note = f"replayed; rule={rule.name}; iLink already accepted this client_id"
+                return Outcome(
+                    _local_response(msg.status, msg.body or b"", note, msg.headers), "replayed", accepted=True
+                )
+            if msg:
+                prior = msg.attempts
+                if prior >= ps.max_attempts and msg.status is not None:
+                    note = (
+                        f"answered-locally; reason=attempts-used; rule={rule.name}; "
+                        f"attempts={prior}; answer={AnswerSummary.of(msg.status, msg.body).short()}"
+                    )
+                    return Outcome(
+                        _local_response(msg.status, msg.body or b"", note, msg.headers), "answered-locally"
+                    )
+        if (cooldown := self.store.cooldown(bot, now)) is not None:
+            note = f"answered-locally; reason=cooling-down; rule={rule.name}; for={cooldown.until - now:.0f}s"
+            return Outcome(_local_response(cooldown.status, cooldown.body, note), "answered-locally")
+        if peer and ps.on_closed == "answer-locally":
+            p = self.store.peer(bot, peer)
+            if p and p.closed_until and p.closed_until > now and p.closed_status is not None:
+                note = (
+                    f"answered-locally; reason=window-closed; rule={rule.name}; "
+                    f"until-inbound-or={p.closed_until - now:.0f}s"
+                )
+                return Outcome(
+                    _local_response(p.closed_status, p.closed_body or b"", note), "answered-locally"
+                )
+
+        send = _Send(
+            rule=rule,
+            request=flow.request.copy(),
+            via=flow.server_conn.via,
+            bot=bot,
+            peer=peer,
+            client_id=client_id,
+            token=_text(get_path(doc, rule.action.remove)[1]),
+            deadline=flow.request.timestamp_start + rule.action.deadline_s,
+            budget=max(ps.max_attempts - prior, 0),
+        )
+        task = asyncio.ensure_future(self._exchange(send))
+        if key:
+            self._inflight[key] = task
+            task.add_done_callback(
+                lambda t: self._inflight.pop(key, None) if self._inflight.get(key) is t else None
+            )
+        # Shielded: if the gateway hangs up, the exchange still completes and is recorded.
+        return await asyncio.shield(task)
+
+    async def _exchange(self, send: _Send) -> Outcome:
+        ps = send.rule.peer_state
+        assert ps is not None
+        first, decision = self._first_token(send, ps)
+        original = send.request.raw_content or b""
+        try:
+            await self._attempt(send, first, original, FIRST_ATTEMPT_TIMEOUT_S)
+        except ReissueError as e:
+            if not e.sent:
+                log.warning(f"sendmessage: cannot reach upstream ({e}); mitmproxy forwards it instead")
+                return Outcome(None, "fallback")
+            self._record(send, accepted=False, status=502, headers=[], body=b"")
+            note = f"upstream-failed; rule={send.rule.name}; {e}"
+            log.warning(f"sendmessage to {token_hash(send.peer)}: {e}; the gateway gets HTTP 502")
+            return Outcome(
+                _local_response(502, f"ilink-fixproxy: {e}".encode(), note, [("Content-Type", "text/plain")]),
+                "upstream-failed",
+            )
+
+        while self._failed(send) and send.sent < min(send.budget, 1 + send.rule.action.retries):
+            nxt = self._next_token(send, ps)
+            if nxt is False:
+                break
+            try:
+                await self._attempt(send, nxt, original, send.deadline - time.time())
+            except ReissueError as e:
+                # Never worse than no proxy: the answer already received goes back unchanged, and
+                # an attempt whose fate is unknown teaches us nothing about the peer or the bot.
+                log.warning(
+                    f"sendmessage to peer {token_hash(send.peer)}: re-issue failed ({e}); "
+                    "the original answer is kept"
+                )
+                send.reissue_failed = True
+                break
+        return self._conclude(send, decision)
+
+    def _first_token(self, send: _Send, ps: PeerState) -> tuple[str | None, str]:
+        if send.token is None:
+            return None, "passed"
+        fresh = self.fresh_token(send.bot, send.peer) if ps.substitute_fresh else None
+        if fresh and fresh != send.token:
+            return fresh, "substituted"
+        if ps.remember_stale and self.store.is_stale(send.bot, self.store.keyed_hash(send.token)):
+            return None, "stripped"
+        return send.token, "passed"
+
+    def _next_token(self, send: _Send, ps: PeerState) -> str | bool | None:
+        """The next token to try after a stale answer, or False when there is none left."""
+        if send.token is None:
+            return False  # the gateway sent none: nothing to repair by changing it
+        tried = [a.token for a in send.attempts]
+        fresh = self.fresh_token(send.bot, send.peer) if ps.substitute_fresh else None
+        if fresh and fresh not in tried and not self.store.is_stale(send.bot, self.store.keyed_hash(fresh)):
+            return fresh
+        return None if None not in tried else False
+
+    async def _attempt(self, send: _Send, token: str | None, original: bytes, timeout: float) -> None:
+        path = send.rule.action.remove
+        if token == send.token:
+            body = original
+        elif token is None:
+            body = remove_member(original, path) or original
+        else:
+            body = replace_value(original, path, token) or original
+        response = await self.reissuer.send(send.request, body, send.via, timeout)
+        send.sent += 1
+        try:
+            content = response.get_content(strict=True) or b""
+        except ValueError:
+            content = b""
+        usable = not send.attempts or (
+            response.status_code == 200 and (not content or parse_json_object(content) is not None)
+        )
+        if usable:  # an unusable re-issue answer is dropped: the caller keeps the earlier one
+            send.attempts.append(_Attempt(token, response, content, parse_json_object(content)))
+
+    def _failed(self, send: _Send) -> bool:
+        last = send.attempts[-1]
+        return answer_is_failure(send.rule.match, last.response.status_code, last.doc)
+
+    def _conclude(self, send: _Send, decision: str) -> Outcome:
+        ps = send.rule.peer_state
+        assert ps is not None
+        final = send.attempts[-1]
+        first = send.attempts[0]
+        failed = self._failed(send)
+        now = time.time()
+        if send.reissue_failed and len(send.attempts) == 1:
+            decision = "reissue-failed"
+        elif not failed:
+            if len(send.attempts) > 1:
+                decision = "repaired"
+            if send.token and final.token != send.token and ps.remember_stale:
+                self.store.mark_stale(send.bot, self.store.keyed_hash(send.token), send.peer or "", now)
+            if send.peer:
+                self.store.open_window(send.bot, send.peer, now)
+        elif send.token is not None and final.token is None and send.peer:
+            # Even the tokenless send was refused: the peer's window is closed until it writes.
+            decision = "window-closed"
+            self.store.close_window(
+                send.bot, send.peer, now + ps.closed_for_s, final.response.status_code, final.body, now
+            )
+        else:
+            # Refused with no token from the gateway, or with a fresh one: a genuine rate limit.
+            decision = "rate-limited"
+            if self.store.count_limited(send.bot, now, ps.cooldown.within_s) >= ps.cooldown.after:
+                decision = "cooldown-started"
+                self.store.start_cooldown(
+                    send.bot, now + ps.cooldown.for_s, final.response.status_code, final.body, now
+                )
+        headers = [
+            (k, v)
+            for k, v in final.response.headers.items(multi=True)
+            if k.lower() not in _STORED_HEADER_SKIP
+        ]
+        self._record(
+            send, accepted=not failed, status=final.response.status_code, headers=headers, body=final.body
+        )
+
+        summary_first = AnswerSummary.of(first.response.status_code, first.body).short()
+        summary_final = AnswerSummary.of(final.response.status_code, final.body).short()
+        tokens = " -> ".join(_describe_token(a.token, send.token) for a in send.attempts)
+        if decision not in ("passed", "reissue-failed"):
+            final.response.headers[HEADER] = (
+                f"{decision}; rule={send.rule.name}; attempts={len(send.attempts)}; tokens={tokens}; "
+                f"first={summary_first}; now={summary_final}"
+            )
+        log.info(
+            f"{decision}: sendmessage to peer {token_hash(send.peer)} client_id {send.client_id or '-'} "
+            f"with context_token {token_hash(send.token)}: {len(send.attempts)} attempt(s) [{tokens}]: "
+            f"{summary_final}"
+        )
+        return Outcome(final.response, decision, accepted=not failed)
+
+    def _record(
+        self, send: _Send, *, accepted: bool, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        if send.client_id:
+            ps = send.rule.peer_state
+            assert ps is not None
+            now = time.time()
+            self.store.record_attempts(
+                send.bot,
+                send.client_id,
+                send.sent,
+                accepted,
+                status,
+                headers,
+                body,
+                now,
+                since=now - ps.dedupe_s,
+            )
+
+
+def _describe_token(token: str | None, original: str | None) -> str:
+    if token is None:
+        return "none"
+    return "original" if token == original else "fresh"
+
+
+def describe_state(store: StateStore, *, show_ids: bool) -> str:
+    """The `ilink-fixproxy state` listing."""
+    now = time.time()
+    lines = []
+    peers = store.peers()
+    lines.append(f"{store.path}: {len(peers)} peer(s), counts {json.dumps(store.counts())}")
+    for p in peers:
+        who = p.peer if show_ids else token_hash(p.peer)
+        status = "window open"
+        if p.closed_until and p.closed_until > now:
+            status = f"window CLOSED for {p.closed_until - now:.0f}s more or until the peer writes"
+        seen = f"last inbound {now - p.inbound_at:.0f}s ago" if p.inbound_at else "no inbound seen"
+        lines.append(
+            f"  peer {who}  bot {p.bot[:10]}  {status}; {seen}; "
+            f"{'fresh token known' if p.newest_token else 'no fresh token'}; "
+            f"{p.stale_tokens} stale token(s) remembered"
+        )
+    for bot, until, limited in store.bots():
+        cooling = f"cooling down for {until - now:.0f}s" if until and until > now else "not cooling down"
+        lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s)")
+    return "\n".join(lines)
+
+
+def rules_need_state(ruleset: RuleSet) -> bool:
+    return ruleset.uses_peer_state

@@ -1,0 +1,393 @@
+"""The peer-state store: what the proxy remembers between requests and across restarts.
+
+Embedded SQLite (WAL), one file per proxy, owner-only. It holds, per bot and peer: the keyed hash
+of the newest context_token seen in getupdates, when the peer last wrote, whether its send window
+is closed; per bot: the genuine rate-limit counter and cooldown; per message (client_id): upstream
+attempts and the accepted answer, for idempotency. Tokens are stored only as keyed hashes
+(HMAC-SHA256 with a random key kept in the file), never in clear. Every table is bounded: the
+oldest rows are evicted.
+
+All methods are synchronous and called from mitmproxy's single event-loop thread, so SQLite
+sees one writer at a time; each call is a short indexed statement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MEMORY = ":memory:"
+DEFAULT_NAME = "ilink-fixproxy-state.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (
+    bot TEXT NOT NULL, peer TEXT NOT NULL,
+    newest_token TEXT, newest_seen REAL, inbound_at REAL,
+    closed_until REAL, closed_status INTEGER, closed_body BLOB,
+    updated REAL NOT NULL,
+    PRIMARY KEY (bot, peer)
+);
+CREATE INDEX IF NOT EXISTS peers_updated ON peers (updated);
+CREATE TABLE IF NOT EXISTS stale_tokens (
+    bot TEXT NOT NULL, token TEXT NOT NULL, peer TEXT NOT NULL, proven_at REAL NOT NULL,
+    PRIMARY KEY (bot, token)
+);
+CREATE INDEX IF NOT EXISTS stale_proven ON stale_tokens (proven_at);
+CREATE TABLE IF NOT EXISTS bots (
+    bot TEXT PRIMARY KEY, limited_at TEXT NOT NULL DEFAULT '[]',
+    cooldown_until REAL, cooldown_status INTEGER, cooldown_body BLOB, updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    bot TEXT NOT NULL, client_id TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    accepted INTEGER NOT NULL DEFAULT 0, status INTEGER, headers TEXT, body BLOB,
+    updated REAL NOT NULL,
+    PRIMARY KEY (bot, client_id)
+);
+CREATE INDEX IF NOT EXISTS messages_updated ON messages (updated);
+"""
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Row caps; the oldest rows beyond them are evicted."""
+
+    peers: int = 100_000
+    stale_tokens: int = 100_000
+    messages: int = 100_000
+
+
+@dataclass(frozen=True)
+class Peer:
+    bot: str
+    peer: str
+    newest_token: str | None
+    newest_seen: float | None
+    inbound_at: float | None
+    closed_until: float | None
+    closed_status: int | None
+    closed_body: bytes | None
+    stale_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Message:
+    attempts: int
+    accepted: bool
+    status: int | None
+    headers: list[tuple[str, str]]
+    body: bytes | None
+    updated: float
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    until: float
+    status: int
+    body: bytes
+
+
+class StateStore:
+    def __init__(self, path: str, *, limits: Limits = Limits(), lock: bool = True) -> None:
+        """Open (creating if needed) the state file; StateError if it is unusable or in use."""
+        self.path = path
+        self.limits = limits
+        self._lock_fd: int | None = None
+        self._writes = 0
+        if path != MEMORY:
+            p = Path(path)
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if lock:
+                    self._take_lock(p)
+                fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+                os.close(fd)
+                os.chmod(p, 0o600)
+            except OSError as e:
+                self.close()
+                raise StateError(f"cannot open state file {path}: {e.strerror or e}") from None
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            if path != MEMORY:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            self._key = self._hash_key()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise StateError(
+                f"state file {path} is not a usable SQLite database ({e}); "
+                "move it away or use another --state path"
+            ) from None
+
+    def _take_lock(self, p: Path) -> None:
+        lock_path = p.with_name(p.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StateError(
+                f"state file {p} is in use by another ilink-fixproxy (pid {holder}); "
+                "stop it or give this one its own --state path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _hash_key(self) -> bytes:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'hmac_key'").fetchone()
+        if row:
+            return bytes(row[0])
+        key = secrets.token_bytes(32)
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES ('hmac_key', ?), ('schema', ?)",
+            (key, str(SCHEMA_VERSION).encode()),
+        )
+        return key
+
+    def close(self) -> None:
+        db = getattr(self, "db", None)
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            self.db = None  # type: ignore[assignment]
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ hashing
+
+    def keyed_hash(self, secret: str) -> str:
+        """The stored form of a token or bot credential: HMAC-SHA256, 32 hex characters."""
+        return hmac.new(self._key, secret.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
+
+    # ------------------------------------------------------------------ peers
+
+    def saw_inbound(self, bot: str, peer: str, token_hash: str | None, now: float) -> None:
+        """An inbound message from `peer`: newest token, and its send window is open again."""
+        self.db.execute(
+            """INSERT INTO peers (bot, peer, newest_token, newest_seen, inbound_at, updated)
+               VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT (bot, peer) DO UPDATE SET
+                 newest_token = COALESCE(excluded.newest_token, newest_token),
+                 newest_seen = CASE WHEN excluded.newest_token IS NULL THEN newest_seen
+                                    ELSE excluded.newest_seen END,
+                 inbound_at = excluded.inbound_at, closed_until = NULL, closed_status = NULL,
+                 closed_body = NULL, updated = excluded.updated""",
+            (bot, peer, token_hash, now if token_hash else None, now, now),
+        )
+        self._wrote()
+
+    def peer(self, bot: str, peer: str) -> Peer | None:
+        row = self.db.execute(
+            """SELECT bot, peer, newest_token, newest_seen, inbound_at, closed_until, closed_status,
+                      closed_body FROM peers WHERE bot = ? AND peer = ?""",
+            (bot, peer),
+        ).fetchone()
+        return Peer(*row[:7], bytes(row[7]) if row[7] is not None else None) if row else None
+
+    def close_window(self, bot: str, peer: str, until: float, status: int, body: bytes, now: float) -> None:
+        self.db.execute(
+            """INSERT INTO peers (bot, peer, closed_until, closed_status, closed_body, updated)
+               VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT (bot, peer) DO UPDATE SET closed_until = excluded.closed_until,
+                 closed_status = excluded.closed_status, closed_body = excluded.closed_body,
+                 updated = excluded.updated""",
+            (bot, peer, until, status, body, now),
+        )
+        self._wrote()
+
+    def open_window(self, bot: str, peer: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE peers SET closed_until = NULL, closed_status = NULL, closed_body = NULL, updated = ? "
+            "WHERE bot = ? AND peer = ? AND closed_until IS NOT NULL",
+            (now, bot, peer),
+        )
+
+    def peers(self) -> list[Peer]:
+        rows = self.db.execute(
+            """SELECT p.bot, p.peer, p.newest_token, p.newest_seen, p.inbound_at, p.closed_until,
+                      p.closed_status, p.closed_body,
+                      (SELECT COUNT(*) FROM stale_tokens s WHERE s.bot = p.bot AND s.peer = p.peer)
+               FROM peers p ORDER BY p.updated DESC"""
+        ).fetchall()
+        return [Peer(*r[:7], bytes(r[7]) if r[7] is not None else None, r[8]) for r in rows]
+
+    def forget_peer(self, peer_or_hash: str, hasher: callable | None = None) -> int:  # type: ignore[valid-type]
+        """Forget everything about a peer (by id, or by the short hash `state` shows)."""
+        peers = {r[0] for r in self.db.execute("SELECT DISTINCT peer FROM peers")}
+        peers |= {r[0] for r in self.db.execute("SELECT DISTINCT peer FROM stale_tokens")}
+        targets = [p for p in peers if p == peer_or_hash or (hasher and hasher(p) == peer_or_hash)]
+        count = 0
+        for p in targets:
+            count += self.db.execute("DELETE FROM peers WHERE peer = ?", (p,)).rowcount
+            count += self.db.execute("DELETE FROM stale_tokens WHERE peer = ?", (p,)).rowcount
+        return count
+
+    # ------------------------------------------------------------------ stale tokens
+
+    def mark_stale(self, bot: str, token_hash: str, peer: str, now: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO stale_tokens (bot, token, peer, proven_at) VALUES (?, ?, ?, ?)",
+            (bot, token_hash, peer, now),
+        )
+        self._wrote()
+
+    def is_stale(self, bot: str, token_hash: str) -> bool:
+        return (
+            self.db.execute(
+                "SELECT 1 FROM stale_tokens WHERE bot = ? AND token = ?", (bot, token_hash)
+            ).fetchone()
+            is not None
+        )
+
+    # ------------------------------------------------------------------ bots
+
+    def count_limited(self, bot: str, now: float, window_s: float) -> int:
+        """Record one genuine rate-limit answer; returns how many fell within the window."""
+        row = self.db.execute("SELECT limited_at FROM bots WHERE bot = ?", (bot,)).fetchone()
+        times = [t for t in (json.loads(row[0]) if row else []) if t > now - window_s] + [now]
+        times = times[-1000:]
+        self.db.execute(
+            """INSERT INTO bots (bot, limited_at, updated) VALUES (?, ?, ?)
+               ON CONFLICT (bot) DO UPDATE SET
+                 limited_at = excluded.limited_at, updated = excluded.updated""",
+            (bot, json.dumps(times), now),
+        )
+        return len(times)
+
+    def start_cooldown(self, bot: str, until: float, status: int, body: bytes, now: float) -> None:
+        self.db.execute(
+            """UPDATE bots SET cooldown_until = ?, cooldown_status = ?, cooldown_body = ?,
+                 limited_at = '[]', updated = ? WHERE bot = ?""",
+            (until, status, body, now, bot),
+        )
+
+    def cooldown(self, bot: str, now: float) -> Cooldown | None:
+        row = self.db.execute(
+            "SELECT cooldown_until, cooldown_status, cooldown_body FROM bots "
+            "WHERE bot = ? AND cooldown_until > ?",
+            (bot, now),
+        ).fetchone()
+        return Cooldown(row[0], row[1], bytes(row[2])) if row else None
+
+    def bots(self) -> list[tuple[str, float | None, int]]:
+        rows = self.db.execute("SELECT bot, cooldown_until, limited_at FROM bots ORDER BY updated DESC")
+        return [(b, until, len(json.loads(lim))) for b, until, lim in rows]
+
+    # ------------------------------------------------------------------ messages (idempotency)
+
+    def message(self, bot: str, client_id: str, since: float) -> Message | None:
+        row = self.db.execute(
+            """SELECT attempts, accepted, status, headers, body, updated FROM messages
+               WHERE bot = ? AND client_id = ? AND updated >= ?""",
+            (bot, client_id, since),
+        ).fetchone()
+        if not row:
+            return None
+        headers = [tuple(h) for h in json.loads(row[3])] if row[3] else []
+        return Message(
+            row[0], bool(row[1]), row[2], headers, bytes(row[4]) if row[4] is not None else None, row[5]
+        )
+
+    def record_attempts(
+        self,
+        bot: str,
+        client_id: str,
+        attempts: int,
+        accepted: bool,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        now: float,
+        since: float,
+    ) -> None:
+        """Add `attempts` upstream attempts to this message and store its latest answer."""
+        self.db.execute(
+            """INSERT INTO messages (bot, client_id, attempts, accepted, status, headers, body, updated)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (bot, client_id) DO UPDATE SET
+                 attempts = CASE WHEN updated >= ? THEN attempts ELSE 0 END + excluded.attempts,
+                 accepted = MAX(CASE WHEN updated >= ? THEN accepted ELSE 0 END, excluded.accepted),
+                 status = CASE WHEN accepted AND updated >= ? THEN status ELSE excluded.status END,
+                 headers = CASE WHEN accepted AND updated >= ? THEN headers ELSE excluded.headers END,
+                 body = CASE WHEN accepted AND updated >= ? THEN body ELSE excluded.body END,
+                 updated = excluded.updated""",
+            (
+                bot,
+                client_id,
+                attempts,
+                int(accepted),
+                status,
+                json.dumps(headers),
+                body,
+                now,
+                since,
+                since,
+                since,
+                since,
+                since,
+            ),
+        )
+        self._wrote()
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        if self._writes % 500 == 0:
+            self.evict()
+
+    def evict(self) -> None:
+        """Keep each table under its cap, dropping the least recently updated rows."""
+        for table, column, cap in (
+            ("peers", "updated", self.limits.peers),
+            ("stale_tokens", "proven_at", self.limits.stale_tokens),
+            ("messages", "updated", self.limits.messages),
+        ):
+            self.db.execute(
+                f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} ORDER BY {column} DESC "
+                f"LIMIT -1 OFFSET ?)",
+                (cap,),
+            )
+
+    def counts(self) -> dict[str, int]:
+        return {
+            table: self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("peers", "stale_tokens", "bots", "messages")
+        }
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+
+def default_path(confdir: str) -> str:
+    return str(Path(os.path.expanduser(confdir)) / DEFAULT_NAME)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,284 @@
+"""End to end: peer state through the real proxy process with the shipped rules (fresh tokens,
+stale memory, closed windows, cooldowns, one delivery per client_id)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, SEND, start_proxy
+from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
+from ilink_fixproxy.redact import token_hash
+from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
+
+UPDATES = "/ilink/bot/getupdates"
+STALE_ANSWER = b'{"ret":-2,"errmsg":"prepare failed"}'
+
+
+class Gateway:
+    """A gateway-like client with its own bot token, sending to one peer."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        tag = secrets.token_hex(4)
+        self.url = proxy.url
+        self.bot_token = f"bot-{tag}@im.bot:secret-{tag}"
+        self.peer = f"wxid_{tag}@im.wechat"
+        self.headers = {
+            "Content-Type": "application/json",
+            "AuthorizationType": "ilink_bot_token",
+            "Authorization": f"Bearer {self.bot_token}",
+        }
+        self.client = httpx.Client(trust_env=False, timeout=30)
+        self._n = 0
+
+    def body(self, token: str | None, client_id: str | None = None, text: str = "hello") -> bytes:
+        self._n += 1
+        msg = {
+            "to_user_id": self.peer,
+            "client_id": client_id or f"cid-{self._n}-{secrets.token_hex(3)}",
+            "message_type": 2,
+            "message_state": 2,
+            "item_list": [{"type": 1, "text_item": {"text": text}}],
+        }
+        if token:
+            msg["context_token"] = token
+        return json.dumps({"msg": msg}).encode()
+
+    def send(
+        self, token: str | None, client_id: str | None = None, timeout: float = 30, text: str = "hello"
+    ) -> httpx.Response:
+        return self.client.post(
+            self.url + SEND, content=self.body(token, client_id, text), headers=self.headers, timeout=timeout
+        )
+
+    def poll(self) -> httpx.Response:
+        return self.client.post(self.url + UPDATES, content=b'{"get_updates_buf":""}', headers=self.headers)
+
+
+def sends_to(fake: FakeILink, gw: Gateway) -> list:
+    return [s for s in fake.sends() if s.json and s.json["msg"].get("to_user_id") == gw.peer]
+
+
+@pytest.fixture(scope="module")
+def peer_proxy(
+    fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    conf = tmp_path_factory.mktemp("peers")
+    with start_proxy(
+        "--upstream",
+        fake_server.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(conf),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+    ) as p:
+        p.confdir = conf  # type: ignore[attr-defined]
+        yield p
+
+
+@pytest.fixture
+def gw(peer_proxy: ProxyProcess) -> Iterator[Gateway]:
+    g = Gateway(peer_proxy)
+    yield g
+    g.client.close()
+
+
+def test_a_retrying_gateway_gets_one_delivery_in_at_most_two_attempts(gw: Gateway, fake: FakeILink):
+    # Unpatched hermes: the first try times out (iLink is slow), then it retries the same
+    # client_id; without the proxy every retry is another upstream send.
+    fake.script(SEND, Answer(body=STALE_ANSWER, delay=2.0))
+    body_cid = "hermes-chunk-1"
+    answers = []
+    for attempt in range(5):
+        try:
+            answers.append(gw.send("stale-token-a", client_id=body_cid, timeout=0.6 if attempt < 3 else 10))
+        except httpx.TimeoutException:
+            answers.append(None)
+    assert answers[:3] == [None, None, None]
+    assert [a.status_code for a in answers[3:]] == [200, 200]
+    assert all(a.content == b"{}" for a in answers[3:])
+    assert len(sends_to(fake, gw)) == 2  # the stale try and its tokenless re-issue
+    assert len([d for d in fake.deliveries if d.to_user_id == gw.peer]) == 1
+    assert answers[4].headers["x-ilink-fixproxy"].startswith("replayed")
+
+
+def test_concurrent_duplicates_wait_for_the_first(gw: Gateway, fake: FakeILink):
+    fake.script(SEND, Answer(body=b"{}", delay=1.0))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: gw.send(None, client_id="dup-1"), range(4)))
+    assert [r.status_code for r in results] == [200] * 4
+    assert len(sends_to(fake, gw)) == 1
+
+
+def test_closed_window_answers_locally_until_the_peer_writes(gw: Gateway, fake: FakeILink):
+    fake.tokenless_delivers = False
+    first = gw.send("old-token")
+    assert first.content == STALE_ANSWER
+    assert first.headers["x-ilink-fixproxy"].startswith("window-closed")
+    assert len(sends_to(fake, gw)) == 2
+
+    for _ in range(3):  # the gateway keeps trying: nothing reaches iLink
+        r = gw.send("old-token")
+        assert r.content == STALE_ANSWER
+        assert r.headers["x-ilink-fixproxy"].startswith("answered-locally; reason=window-closed")
+    assert len(sends_to(fake, gw)) == 2
+
+    fresh = fake.push_inbound(gw.peer, "I'm back")
+    assert gw.poll().json()["msgs"][0]["from_user_id"] == gw.peer
+    r = gw.send("old-token", text="queued news")
+    assert r.status_code == 200 and r.content == b"{}"
+    assert r.headers["x-ilink-fixproxy"].startswith("substituted")
+    last = sends_to(fake, gw)[-1]
+    assert len(sends_to(fake, gw)) == 3 and last.context_token == fresh
+    assert [d.text for d in fake.deliveries if d.to_user_id == gw.peer] == ["queued news"]
+
+
+def test_fresh_token_from_getupdates_replaces_an_older_one(gw: Gateway, fake: FakeILink):
+    fresh = fake.push_inbound(gw.peer)
+    gw.poll()
+    body = gw.body("token-the-gateway-cached-yesterday")
+    r = gw.client.post(gw.url + SEND, content=body, headers=gw.headers)
+    assert r.headers["x-ilink-fixproxy"].startswith("substituted")
+    (only,) = sends_to(fake, gw)
+    assert only.context_token == fresh
+    # only the token's value changed, every other byte is the gateway's
+    assert only.body == body.replace(b"token-the-gateway-cached-yesterday", fresh.encode())
+
+
+def test_the_newest_token_itself_passes_untouched(gw: Gateway, fake: FakeILink):
+    fresh = fake.push_inbound(gw.peer)
+    gw.poll()
+    body = gw.body(fresh)
+    r = gw.client.post(gw.url + SEND, content=body, headers=gw.headers)
+    assert r.content == b"{}" and "x-ilink-fixproxy" not in r.headers
+    (only,) = sends_to(fake, gw)
+    assert only.body == body
+
+
+def test_getupdates_answer_is_passed_on_byte_for_byte(gw: Gateway, fake: FakeILink):
+    raw = (
+        '{"ret":0, "msgs":[{"message_id":18446744073709551615,"from_user_id":"' + gw.peer + '",'
+        '"context_token":"ctx-from-poll","item_list":[{"type":1,"text_item":{"text":"\\u4f60好"}}]}],'
+        '"get_updates_buf":"Zm9v"}'
+    ).encode()
+    fake.script(UPDATES, Answer(body=raw))
+    r = gw.poll()
+    assert r.content == raw
+    fake.fresh_tokens.add("ctx-from-poll")
+    sent = gw.send("older")
+    assert sent.headers["x-ilink-fixproxy"].startswith("substituted")
+    assert sends_to(fake, gw)[-1].context_token == "ctx-from-poll"
+
+
+def test_an_accepted_client_id_is_never_delivered_twice(gw: Gateway, fake: FakeILink):
+    first = gw.send(None, client_id="once")
+    again = gw.send(None, client_id="once")
+    assert first.status_code == again.status_code == 200
+    assert again.headers["x-ilink-fixproxy"].startswith("replayed")
+    assert len(sends_to(fake, gw)) == 1
+
+
+def test_genuine_rate_limits_cool_the_bot_down(gw: Gateway, fake: FakeILink):
+    fake.tokenless_delivers = False  # sends carrying no token are refused: a genuine limit
+    for _ in range(3):
+        r = gw.send(None)
+        assert r.content == STALE_ANSWER
+    assert r.headers["x-ilink-fixproxy"].startswith("cooldown-started")
+    assert len(sends_to(fake, gw)) == 3
+    cooled = gw.send(None)
+    assert cooled.content == STALE_ANSWER
+    assert cooled.headers["x-ilink-fixproxy"].startswith("answered-locally; reason=cooling-down")
+    assert len(sends_to(fake, gw)) == 3
+
+
+def test_stale_memory_survives_a_restart(fake: FakeILink, pki: TestPKI, tmp_path: Path):
+    state = tmp_path / "state.sqlite3"
+    args = (
+        "--upstream",
+        fake.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(tmp_path / "c"),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+        "--state",
+        str(state),
+    )
+    with start_proxy(*args) as p:
+        gw = Gateway(p)
+        assert gw.send("proven-stale").headers["x-ilink-fixproxy"].startswith("repaired")
+        assert len(sends_to(fake, gw)) == 2
+    with start_proxy(*args) as p:
+        gw.url = p.url
+        r = gw.send("proven-stale")
+        assert r.content == b"{}"
+        assert r.headers["x-ilink-fixproxy"].startswith("stripped")
+        assert len(sends_to(fake, gw)) == 3  # one attempt, without the dead token
+        assert sends_to(fake, gw)[-1].context_token is None
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+    assert b"proven-stale" not in state.read_bytes()
+    assert gw.bot_token.encode() not in state.read_bytes()
+
+
+def test_two_proxies_on_one_state_file_are_refused(fake: FakeILink, pki: TestPKI, tmp_path: Path):
+    state = tmp_path / "shared.sqlite3"
+    args = (
+        "--upstream",
+        fake.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(tmp_path / "c"),
+        "--state",
+        str(state),
+    )
+    with start_proxy(*args) as first:
+        p = subprocess.run(
+            ilink_fixproxy_argv("--listen", "127.0.0.1:0", *args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+        )
+        assert p.returncode != 0
+        assert "Traceback" not in p.stderr + p.stdout
+        assert f"is in use by another ilink-fixproxy (pid {first.proc.pid})" in p.stderr
+
+
+def test_state_command_lists_and_forgets_peers(gw: Gateway, fake: FakeILink, peer_proxy: ProxyProcess):
+    fake.tokenless_delivers = False
+    gw.send("dead-token")  # closes the window
+    conf = peer_proxy.confdir  # type: ignore[attr-defined]
+
+    def state(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ilink_fixproxy_argv("state", *args, "--confdir", str(conf)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+        )
+
+    listing = state()
+    assert listing.returncode == 0, listing.stderr
+    assert token_hash(gw.peer) in listing.stdout and "window CLOSED" in listing.stdout
+    assert gw.peer not in listing.stdout
+    assert gw.peer in state("--show-ids").stdout
+
+    forgot = state("forget", token_hash(gw.peer))
+    assert forgot.returncode == 0, forgot.stderr
+    fake.tokenless_delivers = True
+    time.sleep(0.1)
+    r = gw.send("dead-token")  # no longer answered locally: goes upstream and is repaired
+    assert r.headers["x-ilink-fixproxy"].startswith("repaired")
+    assert state("forget", "nobody").returncode == 2
