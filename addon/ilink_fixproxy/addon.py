@@ -22,7 +22,7 @@ from . import rules as rules_mod
 from . import state as state_mod
 from .jsonedit import get_path, remove_member
 from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object
-from .peers import PeerTracker
+from .peers import PeerTracker, attempt_record
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer, UpstreamTrust
 from .rules import Rule, RuleSet
@@ -213,7 +213,14 @@ class IlinkFixProxy:
         if outcome.response is None:
             return
         flow.response = outcome.response
-        flow.metadata["ilink_fixproxy"] = {"decision": outcome.decision, "rule": rule.name, "handled": True}
+        flow.metadata.setdefault("ilink_fixproxy", {}).update(
+            {
+                "decision": outcome.decision,
+                "rule": rule.name,
+                "handled": True,
+                "attempts": list(outcome.trace),
+            }
+        )
         if outcome.decision != "passed":
             flow.comment = (
                 f"ilink-fixproxy {outcome.decision} (rule {rule.name}): "
@@ -295,6 +302,15 @@ class IlinkFixProxy:
         assert original is not None
         first = AnswerSummary.of(original.status_code, original.get_content(strict=False))
         _, token = get_path(request_doc, action.remove)
+        upstream_s = (original.timestamp_end or time.time()) - (
+            flow.request.timestamp_end or flow.request.timestamp_start
+        )
+        trace = [
+            attempt_record(
+                original.status_code, original.get_content(strict=False), upstream_s * 1000, "original"
+            )
+        ]
+        flow.metadata["ilink_fixproxy"] = {"token": token_hash(token), "attempts": trace}
         field = ".".join(action.remove)
         what = f"{_endpoint(flow)} with {field} {token_hash(token)}: iLink answered {first.short()}"
         body = remove_member(flow.request.raw_content or b"", action.remove)
@@ -311,6 +327,7 @@ class IlinkFixProxy:
         reissues = 0
         while reissues < action.retries:
             reissues += 1
+            sent_at = time.monotonic()
             try:
                 candidate = await self.reissuer.send(
                     flow.request, body, flow.server_conn.via, deadline - time.time()
@@ -318,9 +335,15 @@ class IlinkFixProxy:
                 candidate_body = _readable(candidate)
             except ReissueError as e:
                 errors.append(str(e))
+                trace.append(attempt_record(None, None, (time.monotonic() - sent_at) * 1000, "none", str(e)))
                 if deadline - time.time() <= 0:
                     break
                 continue
+            trace.append(
+                attempt_record(
+                    candidate.status_code, candidate_body, (time.monotonic() - sent_at) * 1000, "none"
+                )
+            )
             answer, answer_doc = candidate, parse_json_object(candidate_body)
             if not first_rule([rule], request_doc, candidate.status_code, answer_doc):
                 break
@@ -350,11 +373,9 @@ class IlinkFixProxy:
     ) -> None:
         flow.comment = f"ilink-fixproxy {decision} (rule {rule.name}): {note}"
         flow.marked = MARK_REPAIRED if decision == "repaired" else MARK_STILL_FAILING
-        flow.metadata["ilink_fixproxy"] = {
-            "decision": decision,
-            "rule": rule.name,
-            "answer": now.short() if now else None,
-        }
+        flow.metadata.setdefault("ilink_fixproxy", {}).update(
+            {"decision": decision, "rule": rule.name, "answer": now.short() if now else None}
+        )
 
 
 def _readable(response: http.Response) -> bytes:

@@ -50,6 +50,7 @@ class Outcome:
     response: http.Response | None  # None: hand the flow back to mitmproxy's own forwarding
     decision: str
     accepted: bool = False
+    trace: tuple[dict[str, Any], ...] = ()  # one entry per upstream attempt (see attempt_record)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class _Send:
     budget: int  # upstream attempts this message may still use
     attempts: list[_Attempt] = field(default_factory=list)
     sent: int = 0  # attempts that (may have) reached the upstream
+    trace: list[dict[str, Any]] = field(default_factory=list)
     reissue_failed: bool = False
 
 
@@ -159,6 +161,15 @@ class PeerTracker:
         peer = _text(get_path(doc, ps.peer)[1])
         client_id = _text(get_path(doc, ps.client_id)[1])
         key = (bot, client_id) if client_id else None
+        token = _text(get_path(doc, rule.action.remove)[1])
+        flow.metadata.setdefault("ilink_fixproxy", {}).update(
+            {
+                "bot": bot[:12],
+                "peer": peer,
+                "client_id": client_id,
+                "token": token_hash(token) if token else None,
+            }
+        )
 
         if key and (running := self._inflight.get(key)) is not None:
             await asyncio.shield(running)  # a retry of a message still on its way: wait for it
@@ -201,7 +212,7 @@ class PeerTracker:
             bot=bot,
             peer=peer,
             client_id=client_id,
-            token=_text(get_path(doc, rule.action.remove)[1]),
+            token=token,
             deadline=flow.request.timestamp_start + rule.action.deadline_s,
             budget=max(ps.max_attempts - prior, 0),
         )
@@ -224,13 +235,14 @@ class PeerTracker:
         except ReissueError as e:
             if not e.sent:
                 log.warning(f"sendmessage: cannot reach upstream ({e}); mitmproxy forwards it instead")
-                return Outcome(None, "fallback")
+                return Outcome(None, "fallback", trace=tuple(send.trace))
             self._record(send, accepted=False, status=502, headers=[], body=b"")
             note = f"upstream-failed; rule={send.rule.name}; {e}"
             log.warning(f"sendmessage to {token_hash(send.peer)}: {e}; the gateway gets HTTP 502")
             return Outcome(
                 _local_response(502, f"ilink-fixproxy: {e}".encode(), note, [("Content-Type", "text/plain")]),
                 "upstream-failed",
+                trace=tuple(send.trace),
             )
 
         while self._failed(send) and send.sent < min(send.budget, 1 + send.rule.action.retries):
@@ -278,12 +290,21 @@ class PeerTracker:
             body = remove_member(original, path) or original
         else:
             body = replace_value(original, path, token) or original
-        response = await self.reissuer.send(send.request, body, send.via, timeout)
+        kind = _describe_token(token, send.token)
+        started = time.monotonic()
+        try:
+            response = await self.reissuer.send(send.request, body, send.via, timeout)
+        except ReissueError as e:
+            send.trace.append(attempt_record(None, None, (time.monotonic() - started) * 1000, kind, str(e)))
+            raise
         send.sent += 1
         try:
             content = response.get_content(strict=True) or b""
         except ValueError:
             content = b""
+        send.trace.append(
+            attempt_record(response.status_code, content, (time.monotonic() - started) * 1000, kind)
+        )
         usable = not send.attempts or (
             response.status_code == 200 and (not content or parse_json_object(content) is not None)
         )
@@ -346,7 +367,7 @@ class PeerTracker:
             f"with context_token {token_hash(send.token)}: {len(send.attempts)} attempt(s) [{tokens}]: "
             f"{summary_final}"
         )
-        return Outcome(final.response, decision, accepted=not failed)
+        return Outcome(final.response, decision, accepted=not failed, trace=tuple(send.trace))
 
     def _record(
         self, send: _Send, *, accepted: bool, status: int, headers: list[tuple[str, str]], body: bytes
@@ -366,6 +387,21 @@ class PeerTracker:
                 now,
                 since=now - ps.dedupe_s,
             )
+
+
+def attempt_record(
+    status: int | None, body: bytes | None, ms: float, token: str, error: str | None = None
+) -> dict[str, Any]:
+    """One upstream attempt as recorded in flow.metadata["ilink_fixproxy"]["attempts"]: no secrets,
+    only what iLink said (status, ret, errcode, errmsg), how long it took, and which token kind
+    was sent ("original", "fresh" or "none")."""
+    record: dict[str, Any] = {"status": status, "ms": round(ms, 1), "token": token}
+    if status is not None:
+        summary = AnswerSummary.of(status, body)
+        record.update(ret=summary.ret, errcode=summary.errcode, errmsg=summary.errmsg, empty=summary.empty)
+    if error:
+        record["error"] = error
+    return record
 
 
 def _describe_token(token: str | None, original: str | None) -> str:
