@@ -4,6 +4,7 @@ process in front of it. Nothing here mocks mitmproxy or the network path."""
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import ssl
 import sys
@@ -124,3 +125,50 @@ def tls_context(*ca_files: Path) -> ssl.SSLContext:
     for extra in ca_files[1:]:
         ctx.load_verify_locations(cafile=str(extra))
     return ctx
+
+
+UPDATES = "/ilink/bot/getupdates"
+
+
+class Gateway:
+    """A gateway-like client with its own bot token, sending to one peer."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        tag = secrets.token_hex(4)
+        self.url = proxy.url
+        self.bot_token = f"bot-{tag}@im.bot:secret-{tag}"
+        self.peer = f"wxid_{tag}@im.wechat"
+        self.headers = {
+            "Content-Type": "application/json",
+            "AuthorizationType": "ilink_bot_token",
+            "Authorization": f"Bearer {self.bot_token}",
+        }
+        self.client = httpx.Client(trust_env=False, timeout=30)
+        self._n = 0
+
+    def body(self, token: str | None, client_id: str | None = None, text: str = "hello") -> bytes:
+        self._n += 1
+        msg = {
+            "to_user_id": self.peer,
+            "client_id": client_id or f"cid-{self._n}-{secrets.token_hex(3)}",
+            "message_type": 2,
+            "message_state": 2,
+            "item_list": [{"type": 1, "text_item": {"text": text}}],
+        }
+        if token:
+            msg["context_token"] = token
+        return json.dumps({"msg": msg}).encode()
+
+    def send(
+        self, token: str | None, client_id: str | None = None, timeout: float = 30, text: str = "hello"
+    ) -> httpx.Response:
+        return self.client.post(
+            self.url + SEND, content=self.body(token, client_id, text), headers=self.headers, timeout=timeout
+        )
+
+    def poll(self) -> httpx.Response:
+        return self.client.post(self.url + UPDATES, content=b'{"get_updates_buf":""}', headers=self.headers)
+
+
+def sends_to(fake: FakeILink, gw: Gateway) -> list:
+    return [s for s in fake.sends() if s.json and s.json["msg"].get("to_user_id") == gw.peer]

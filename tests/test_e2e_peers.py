@@ -3,8 +3,6 @@ stale memory, closed windows, cooldowns, one delivery per client_id)."""
 
 from __future__ import annotations
 
-import json
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,57 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, SEND, start_proxy
+from conftest import ROOT, SEND, UPDATES, Gateway, sends_to, start_proxy
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 
-UPDATES = "/ilink/bot/getupdates"
 STALE_ANSWER = b'{"ret":-2,"errmsg":"prepare failed"}'
-
-
-class Gateway:
-    """A gateway-like client with its own bot token, sending to one peer."""
-
-    def __init__(self, proxy: ProxyProcess) -> None:
-        tag = secrets.token_hex(4)
-        self.url = proxy.url
-        self.bot_token = f"bot-{tag}@im.bot:secret-{tag}"
-        self.peer = f"wxid_{tag}@im.wechat"
-        self.headers = {
-            "Content-Type": "application/json",
-            "AuthorizationType": "ilink_bot_token",
-            "Authorization": f"Bearer {self.bot_token}",
-        }
-        self.client = httpx.Client(trust_env=False, timeout=30)
-        self._n = 0
-
-    def body(self, token: str | None, client_id: str | None = None, text: str = "hello") -> bytes:
-        self._n += 1
-        msg = {
-            "to_user_id": self.peer,
-            "client_id": client_id or f"cid-{self._n}-{secrets.token_hex(3)}",
-            "message_type": 2,
-            "message_state": 2,
-            "item_list": [{"type": 1, "text_item": {"text": text}}],
-        }
-        if token:
-            msg["context_token"] = token
-        return json.dumps({"msg": msg}).encode()
-
-    def send(
-        self, token: str | None, client_id: str | None = None, timeout: float = 30, text: str = "hello"
-    ) -> httpx.Response:
-        return self.client.post(
-            self.url + SEND, content=self.body(token, client_id, text), headers=self.headers, timeout=timeout
-        )
-
-    def poll(self) -> httpx.Response:
-        return self.client.post(self.url + UPDATES, content=b'{"get_updates_buf":""}', headers=self.headers)
-
-
-def sends_to(fake: FakeILink, gw: Gateway) -> list:
-    return [s for s in fake.sends() if s.json and s.json["msg"].get("to_user_id") == gw.peer]
 
 
 @pytest.fixture(scope="module")

@@ -435,3 +435,17 @@ def test_duplicates_and_raw_spellings_property(
     new = json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))
     replaced = [(k, new if i == last else v) for i, (k, v) in enumerate(pairs)]
     assert replace_value(body, (key,), new_value) == build(replaced, layout)
+
+
+def test_set_value_replaces_or_inserts_keeping_every_other_byte():
+    from ilink_fixproxy.jsonedit import set_value
+
+    assert set_value(b'{"msg": {"a": 1}}', ("msg", "t"), "x") == b'{"msg": {"t":"x","a": 1}}'
+    assert set_value(b'{"msg": { }}', ("msg", "t"), "x") == b'{"msg": {"t":"x" }}'
+    assert (
+        set_value(b'{"msg": {"t": "old", "a": 1}}', ("msg", "t"), "new") == b'{"msg": {"t": "new", "a": 1}}'
+    )
+    assert set_value(b'{"msg": 1}', ("msg", "t"), "x") is None
+    assert set_value(b'{"other": {}}', ("msg", "t"), "x") is None
+    assert set_value(b"[1]", ("t",), "x") is None
+    assert json.loads(set_value(b'{"a":1}', ("t",), "\u4f60")) == {"t": "\u4f60", "a": 1}

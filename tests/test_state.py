@@ -85,7 +85,7 @@ def test_tables_are_bounded(tmp_path: Path):
         s.mark_stale("b", f"h{i}", f"p{i}", float(i))
         s.record_attempts("b", f"c{i}", 1, True, 200, [], b"{}", float(i), 0.0)
     s.evict()
-    assert s.counts() == {"peers": 10, "stale_tokens": 10, "bots": 0, "messages": 10}
+    assert s.counts() == {"peers": 10, "stale_tokens": 10, "bots": 0, "messages": 10, "outbox": 0}
     assert s.peer("b", "p49") is not None and s.peer("b", "p0") is None  # the oldest went
     s.close()
 

@@ -9,6 +9,7 @@ Whatever goes wrong while repairing, the caller keeps the original upstream answ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -39,6 +40,7 @@ _MARKS = {
     "replayed": ":leftwards_arrow_with_hook:",
 }
 INTERCEPT_CHOICES = ("rule-hosts", "all")
+HOUSEKEEPING_S = 2.0
 _TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
 
 
@@ -51,6 +53,7 @@ class IlinkFixProxy:
         self.tracker: PeerTracker | None = None
         self._state_key: tuple[str, ...] | None = None
         self._running = False
+        self._housekeeping: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ options
 
@@ -86,6 +89,13 @@ class IlinkFixProxy:
             "windows, cooldowns, sent client_ids. Empty: ilink-fixproxy-state.sqlite3 in the confdir; "
             "':memory:' keeps nothing across restarts. One running proxy per file.",
         )
+        loader.add_option(
+            "ilink_defer",
+            bool,
+            False,
+            "Deferred delivery for every rule (on_closed: defer): sends to a peer whose window is "
+            "closed are queued and delivered when the peer writes again, instead of being refused.",
+        )
         # mitmproxy calls configure() only for options that change later (or, for `-s` scripts,
         # once with all of them), so start from the packaged rules rather than from nothing.
         self.ruleset = rules_mod.load_default()
@@ -94,12 +104,13 @@ class IlinkFixProxy:
         logging.getLogger("httpcore").setLevel(logging.WARNING)
 
     def configure(self, updated: set[str]) -> None:
-        if "ilink_rules" in updated:
+        if updated & {"ilink_rules", "ilink_defer"}:
             path = ctx.options.ilink_rules
             try:
-                self.ruleset = rules_mod.load_file(path) if path else rules_mod.load_default()
+                ruleset = rules_mod.load_file(path) if path else rules_mod.load_default()
             except rules_mod.RulesError as e:
                 raise exceptions.OptionsError(f"ilink_rules: {e}") from None
+            self.ruleset = rules_mod.with_deferral(ruleset) if ctx.options.ilink_defer else ruleset
             log.info(f"ilink-fixproxy: {len(self.ruleset.rules)} rule(s) from {self.ruleset.source}")
         if "ilink_buffer_limit" in updated:
             try:
@@ -135,7 +146,7 @@ class IlinkFixProxy:
         # The store is opened once mitmproxy runs, not while options are still being applied: a
         # rejected option makes mitmproxy re-apply the previous values, which would otherwise open
         # (and lock) the default state file as a side effect.
-        if self._running and updated & {"ilink_rules", "ilink_state", "confdir"}:
+        if self._running and updated & {"ilink_rules", "ilink_defer", "ilink_state", "confdir"}:
             self._open_state()
 
     def running(self) -> None:
@@ -144,6 +155,22 @@ class IlinkFixProxy:
             self._open_state()
         except exceptions.OptionsError as e:
             log.error(str(e))  # mitmproxy's errorcheck stops a proxy that logged an error at startup
+        self._housekeeping = asyncio.ensure_future(self._housekeep())
+
+    async def _housekeep(self) -> None:
+        """Every few seconds: expire old deferred sends, serve `outbox flush` requests."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            if self.tracker is None:
+                continue
+            try:
+                self.tracker.outbox.expire(time.time())
+                self.tracker.flush_requested()
+            except Exception as e:  # keep going: one bad round must not end housekeeping
+                log.warning(f"ilink-fixproxy housekeeping: {type(e).__name__}: {e}")
+
+    def _rule_named(self, name: str) -> Rule | None:
+        return next((r for r in self.ruleset.rules if r.name == name), None)
 
     def _open_state(self) -> None:
         """Open the peer-state store when the rules need one (and only then: no stray files)."""
@@ -159,7 +186,7 @@ class IlinkFixProxy:
             store = state_mod.StateStore(path)
         except state_mod.StateError as e:
             raise exceptions.OptionsError(str(e)) from None
-        self.tracker = PeerTracker(store, self.reissuer)
+        self.tracker = PeerTracker(store, self.reissuer, self._rule_named)
         self._state_key = key
         log.info(f"ilink-fixproxy: peer state in {path}")
 
@@ -169,6 +196,8 @@ class IlinkFixProxy:
         self.tracker, self._state_key = None, None
 
     def done(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         self._close_state()
 
     def _sync_allow_hosts(self) -> None:

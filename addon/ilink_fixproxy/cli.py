@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
               demo           show a repair against a fake iLink on loopback (no account, no network)
               state [list]   what the proxy remembers about peers (hashed ids unless --show-ids)
               state forget PEER   forget one peer (its id, or the hash `state` shows)
+              outbox [list]  deferred sends waiting for their peer to write
+              outbox flush PEER / outbox drop ID   deliver a peer's deferred sends now / drop one
 
             examples:
               ilink-fixproxy                                  # 127.0.0.1:8765 -> iLink
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "confdir; ':memory:' keeps nothing across restarts)",
     )
     parser.add_argument(
+        "--defer",
+        action="store_true",
+        help="deferred delivery for every rule: sends to a peer whose window is closed are queued and "
+        "delivered when the peer writes again (on_closed: defer)",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -168,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
     )
     p_state.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
+    p_out = sub.add_parser("outbox", help="list, flush or drop deferred sends")
+    p_out.add_argument("action", nargs="?", choices=["list", "flush", "drop"], default="list")
+    p_out.add_argument("target", nargs="?", help="flush: the peer (id or hash); drop: the message id")
+    p_out.add_argument(
+        "--state",
+        metavar="PATH",
+        default=None,
+        dest="state_path",
+        help="state file (default: the one in --confdir)",
+    )
+    p_out.add_argument(
+        "--confdir",
+        metavar="DIR",
+        default=None,
+        dest="state_confdir",
+        help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
+    )
+    p_out.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
     return parser
 
 
@@ -231,6 +257,7 @@ class Settings:
     upstream_bundle: Path | None
     state: str | None = None
     verbose: bool = False
+    defer: bool = False
     setoptions: list[str] = field(default_factory=list)
 
 
@@ -262,6 +289,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ssl_insecure=args.ssl_insecure,
         upstream_bundle=bundle,
         state=args.state,
+        defer=args.defer,
         verbose=args.verbose,
         setoptions=list(args.setoptions),
     )
@@ -319,6 +347,8 @@ def mitmproxy_options(s: Settings) -> dict[str, object]:
         opts["connection_strategy"] = "lazy"
     if s.state:
         opts["ilink_state"] = s.state
+    if s.defer:
+        opts["ilink_defer"] = True
     if s.upstream_bundle:
         opts["ssl_verify_upstream_trusted_ca"] = str(s.upstream_bundle)
     return opts
@@ -405,7 +435,7 @@ def check_state_free(s: Settings) -> None:
     """Refuse early, in one line, when another proxy holds the state file."""
     from . import state as state_mod
 
-    if not s.ruleset.uses_peer_state:
+    if not (s.ruleset.uses_peer_state or s.defer):
         return
     path = s.state or state_mod.default_path(str(s.confdir))
     try:
@@ -459,28 +489,78 @@ def cmd_ca(confdir_arg: str | None) -> int:
     return 0
 
 
-def cmd_state(action: str, peer: str | None, path: str | None, confdir: str | None, show_ids: bool) -> int:
+def open_state_for_command(path: str | None, confdir: str | None):  # -> StateStore
     from . import state as state_mod
-    from .peers import describe_state
-    from .redact import token_hash
 
     file = path or state_mod.default_path(confdir or DEFAULT_CONFDIR)
     if file != state_mod.MEMORY and not Path(file).exists():
         raise UsageError(f"no state file at {file} (the proxy creates it on start; see --state)")
     try:
-        store = state_mod.StateStore(file, lock=False)  # readable while the proxy runs
+        return state_mod.StateStore(file, lock=False)  # readable while the proxy runs
     except state_mod.StateError as e:
         raise UsageError(str(e)) from None
+
+
+def cmd_state(action: str, peer: str | None, path: str | None, confdir: str | None, show_ids: bool) -> int:
+    from .peers import describe_state
+    from .redact import token_hash
+
+    store = open_state_for_command(path, confdir)
     try:
         if action == "forget":
             if not peer:
                 raise UsageError("state forget needs a PEER (its id, or the hash `state` shows)")
             removed = store.forget_peer(peer, token_hash)
             if not removed:
-                raise UsageError(f"no peer {peer!r} in {file}")
+                raise UsageError(f"no peer {peer!r} in {store.path}")
             print(f"forgot {peer}: {removed} record(s) removed")
             return 0
         print(describe_state(store, show_ids=show_ids))
+        return 0
+    finally:
+        store.close()
+
+
+def cmd_outbox(action: str, target: str | None, path: str | None, confdir: str | None, show_ids: bool) -> int:
+    import time
+
+    from .redact import token_hash
+
+    store = open_state_for_command(path, confdir)
+    try:
+        now = time.time()
+        if action == "list":
+            queued = store.outbox()
+            stats = store.outbox_stats(now)
+            print(
+                f"{store.path}: {len(queued)} deferred send(s); delivered late {stats['delivered_late']}, "
+                f"expired {stats['expired']}, dropped {stats['dropped']}"
+            )
+            for q in queued:
+                who = q.peer if show_ids else token_hash(q.peer)
+                error = f"; last error: {q.last_error}" if q.last_error else ""
+                print(
+                    f"  id {q.id}  peer {who}  client_id {q.client_id or '-'}  "
+                    f"queued {now - q.created:.0f}s ago  "
+                    f"{len(q.body)} bytes  {q.attempts} failed deliveries{error}"
+                )
+            return 0
+        if not target:
+            raise UsageError(f"outbox {action} needs a {'PEER' if action == 'flush' else 'message ID'}")
+        if action == "drop":
+            if not target.isdigit() or not store.dequeue(int(target)):
+                raise UsageError(f"no deferred send with id {target!r} (see `ilink-fixproxy outbox list`)")
+            store.bump("dropped")
+            print(f"dropped deferred send {target}")
+            return 0
+        matching = [q for q in store.outbox() if target in (q.peer, token_hash(q.peer))]
+        if not matching:
+            raise UsageError(f"no deferred sends for peer {target!r}")
+        store.request_flush(target, now)
+        print(
+            f"asked the running proxy to deliver {len(matching)} deferred send(s) to {target} now "
+            "(with the freshest token it knows); `ilink-fixproxy outbox list` shows what is left"
+        )
         return 0
     finally:
         store.close()
@@ -498,6 +578,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_state(
                 args.action,
                 args.peer,
+                args.state_path,
+                args.state_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None),
+                args.show_ids,
+            )
+        if args.command == "outbox":
+            return cmd_outbox(
+                args.action,
+                args.target,
                 args.state_path,
                 args.state_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None),
                 args.show_ids,

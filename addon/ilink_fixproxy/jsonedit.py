@@ -205,3 +205,45 @@ def replace_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
     except UnicodeEncodeError:
         new_bytes = json.dumps(new_value, separators=(",", ":")).encode("ascii")
     return text[: last.value_start].encode("utf-8") + new_bytes + text[last.value_end :].encode("utf-8")
+
+
+def set_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
+    """``body`` with ``path`` set to compact JSON ``new_value``, every other byte unchanged.
+
+    Replaces the value when the member exists (see :func:`replace_value`); otherwise inserts
+    ``"key":value`` as the first member of the parent object, which must exist and be an object.
+    ``None`` if ``body`` is not a UTF-8 JSON object or the parent path does not reach an object.
+    """
+    if not path:
+        return None
+    replaced = replace_value(body, path, new_value)
+    if replaced is not None:
+        return replaced
+    try:
+        text = body.decode("utf-8")
+        doc = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    present, parent = get_path(doc, path[:-1])
+    if not isinstance(doc, dict) or not present or not isinstance(parent, dict):
+        return None
+    try:
+        open_idx = _skip_ws(text, 0)
+        for key in path[:-1]:
+            last = None
+            for member in _members(text, open_idx):
+                if member.key == key:
+                    last = member
+            if last is None:
+                return None
+            open_idx = last.value_start
+        has_members = bool(_members(text, open_idx))
+    except (_Malformed, ValueError, RecursionError):
+        return None
+    try:
+        value = json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = json.dumps(new_value, separators=(",", ":"))
+    member = json.dumps(path[-1], ensure_ascii=False) + ":" + value + ("," if has_members else "")
+    return (text[: open_idx + 1] + member + text[open_idx + 1 :]).encode("utf-8")

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from mitmproxy import http
 
 from .jsonedit import get_path, remove_member, replace_value
 from .matching import AnswerSummary, answer_is_failure, parse_json_object
+from .outbox import Outbox
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer
 from .rules import PeerState, Rule, RuleSet
@@ -98,9 +100,15 @@ def _local_response(
 
 
 class PeerTracker:
-    def __init__(self, store: StateStore, reissuer: Reissuer) -> None:
+    def __init__(
+        self, store: StateStore, reissuer: Reissuer, rule_named: Callable[[str], Rule | None] = lambda _: None
+    ) -> None:
         self.store = store
         self.reissuer = reissuer
+        self.outbox = Outbox(store, reissuer, rule_named)
+        # The bots' Authorization values, in memory only: deferred sends are stored without them
+        # and delivered with the credentials of the bot's latest request.
+        self._auth: dict[str, str] = {}
         self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
         self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
 
@@ -121,6 +129,7 @@ class PeerTracker:
         if not isinstance(msgs, list):
             return 0
         bot = self.bot_of(flow.request)
+        self.remember_auth(bot, flow.request)
         now = time.time()
         seen = 0
         for msg in msgs:
@@ -133,10 +142,25 @@ class PeerTracker:
                 self._fresh.move_to_end((bot, peer))
                 if len(self._fresh) > FRESH_CACHE_SIZE:
                     self._fresh.popitem(last=False)
+            if (auth := self._auth.get(bot)) is not None:
+                self.outbox.on_inbound(bot, peer, token or self.fresh_token(bot, peer), auth)
             seen += 1
         if seen:
             log.info(f"getupdates: {seen} inbound message(s); their senders' send windows are open")
         return seen
+
+    def remember_auth(self, bot: str, request: http.Request) -> None:
+        if auth := request.headers.get("authorization"):
+            self._auth[bot] = auth
+            if len(self._auth) > 10_000:
+                self._auth.pop(next(iter(self._auth)))
+
+    def flush_requested(self) -> None:
+        """Serve `ilink-fixproxy outbox flush PEER` requests left in the state file."""
+        for wanted in self.store.take_flush_requests():
+            for q in self.store.outbox():
+                if wanted in (q.peer, token_hash(q.peer)) and (auth := self._auth.get(q.bot)):
+                    self.outbox.on_inbound(q.bot, q.peer, self.fresh_token(q.bot, q.peer), auth)
 
     def bot_of(self, request: http.Request) -> str:
         return self.store.keyed_hash(request.headers.get("authorization", ""))
@@ -171,8 +195,11 @@ class PeerTracker:
             }
         )
 
+        self.remember_auth(bot, flow.request)
         if key and (running := self._inflight.get(key)) is not None:
             await asyncio.shield(running)  # a retry of a message still on its way: wait for it
+        if client_id and peer and self.store.queued_id(bot, client_id) is not None:
+            return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, None)
         prior = 0
         if key:
             msg = self.store.message(bot, client_id, since=now - ps.dedupe_s)  # type: ignore[arg-type]
@@ -194,9 +221,14 @@ class PeerTracker:
         if (cooldown := self.store.cooldown(bot, now)) is not None:
             note = f"answered-locally; reason=cooling-down; rule={rule.name}; for={cooldown.until - now:.0f}s"
             return Outcome(_local_response(cooldown.status, cooldown.body, note), "answered-locally")
-        if peer and ps.on_closed == "answer-locally":
+        if peer and ps.on_closed in ("answer-locally", "defer"):
             p = self.store.peer(bot, peer)
             if p and p.closed_until and p.closed_until > now and p.closed_status is not None:
+                if ps.on_closed == "defer":
+                    refusal = (p.closed_status, p.closed_body or b"")
+                    return self._deferred(
+                        rule, bot, peer, client_id, flow.request, flow.server_conn.via, refusal
+                    )
                 note = (
                     f"answered-locally; reason=window-closed; rule={rule.name}; "
                     f"until-inbound-or={p.closed_until - now:.0f}s"
@@ -260,7 +292,51 @@ class PeerTracker:
                 )
                 send.reissue_failed = True
                 break
-        return self._conclude(send, decision)
+        outcome = self._conclude(send, decision)
+        if outcome.decision == "window-closed" and ps.on_closed == "defer" and send.peer:
+            final = send.attempts[-1]
+            deferred = self._deferred(
+                send.rule,
+                send.bot,
+                send.peer,
+                send.client_id,
+                send.request,
+                send.via,
+                (final.response.status_code, final.body),
+            )
+            return Outcome(deferred.response, deferred.decision, trace=outcome.trace)
+        return outcome
+
+    def _deferred(
+        self,
+        rule: Rule,
+        bot: str,
+        peer: str,
+        client_id: str | None,
+        request: http.Request,
+        via: Any,
+        refusal: tuple[int, bytes] | None,
+    ) -> Outcome:
+        """Queue the send for delivery when the peer writes, and answer per defer_answer."""
+        ps = rule.peer_state
+        assert ps is not None
+        result, queued = self.outbox.defer(rule, bot, peer, client_id, request, via)
+        if refusal is None:  # a retry of a send already queued: its refusal is not at hand
+            p = self.store.peer(bot, peer)
+            refusal = (p.closed_status or 200, p.closed_body or b"") if p and p.closed_status else (200, b"")
+        if result == "full":
+            log.warning(f"outbox full for peer {token_hash(peer)}: client_id {client_id or '-'} not queued")
+            note = f"answered-locally; reason=outbox-full; rule={rule.name}; queued={queued}"
+            return Outcome(_local_response(refusal[0], refusal[1], note), "answered-locally")
+        note = f"deferred; rule={rule.name}; queued={queued}; reason=window-closed"
+        if result == "queued":
+            log.info(
+                f"deferred: sendmessage to peer {token_hash(peer)} client_id {client_id or '-'} queued "
+                f"until the peer writes ({queued} queued for it)"
+            )
+        if ps.defer_answer == "accepted" or not refusal[1]:
+            return Outcome(_local_response(200, b'{"ret":0}', note), "deferred")
+        return Outcome(_local_response(refusal[0], refusal[1], note), "deferred")
 
     def _first_token(self, send: _Send, ps: PeerState) -> tuple[str | None, str]:
         if send.token is None:

@@ -7,6 +7,7 @@ touches the network or mitmproxy's runtime: this module is pure and separately t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -98,7 +99,20 @@ class Action:
     deadline_s: float
 
 
-ON_CLOSED_CHOICES = ("answer-locally", "pass-through")
+ON_CLOSED_CHOICES = ("answer-locally", "pass-through", "defer")
+DEFER_ANSWER_CHOICES = ("accepted", "error")
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """Deferred delivery: caps, expiry and pacing of the queue of sends to closed windows."""
+
+    max_per_peer: int = 50
+    max_total: int = 10_000
+    max_age_s: float = 86400.0
+    flush_max: int = 3
+    flush_gap_s: float = 1.0
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,8 @@ class PeerState:
     dedupe_s: float = 600.0
     max_attempts: int = 2
     cooldown: Cooldown = Cooldown()
+    defer_answer: str = "accepted"
+    outbox: Outbox = Outbox()
 
 
 @dataclass(frozen=True)
@@ -324,10 +340,37 @@ class _Parser:
             raise self._fail(node, where, f"expected seconds, more than 0 and at most {hi:g}")
         return float(value)
 
+    def _outbox(self, node: yaml.Node, where: str) -> Outbox:
+        keys = ("max_per_peer", "max_total", "max_age_s", "flush_max", "flush_gap_s", "max_attempts")
+        m = self._mapping(node, where, keys)
+        d = Outbox()
+        return Outbox(
+            max_per_peer=self._int(m["max_per_peer"], f"{where}.max_per_peer", 1, 10_000)
+            if "max_per_peer" in m
+            else d.max_per_peer,
+            max_total=self._int(m["max_total"], f"{where}.max_total", 1, 1_000_000)
+            if "max_total" in m
+            else d.max_total,
+            max_age_s=self._seconds(m["max_age_s"], f"{where}.max_age_s", 7 * 86400)
+            if "max_age_s" in m
+            else d.max_age_s,
+            flush_max=self._int(m["flush_max"], f"{where}.flush_max", 1, 100)
+            if "flush_max" in m
+            else d.flush_max,
+            flush_gap_s=self._seconds(m["flush_gap_s"], f"{where}.flush_gap_s", 60)
+            if "flush_gap_s" in m
+            else d.flush_gap_s,
+            max_attempts=self._int(m["max_attempts"], f"{where}.max_attempts", 1, 20)
+            if "max_attempts" in m
+            else d.max_attempts,
+        )
+
     def _peer_state(self, node: yaml.Node, where: str) -> PeerState:
         if isinstance(node, yaml.ScalarNode) and self._scalar(node) is None:
             return PeerState()  # `peer_state:` with nothing after it: all defaults
         keys = (
+            "defer_answer",
+            "outbox",
             "peer",
             "client_id",
             "substitute_fresh",
@@ -347,15 +390,16 @@ class _Parser:
         for key in ("substitute_fresh", "remember_stale"):
             if key in m:
                 kw[key] = self._bool(m[key], f"{where}.{key}")
-        if "on_closed" in m:
-            value = self._string(m["on_closed"], f"{where}.on_closed")
-            if value not in ON_CLOSED_CHOICES:
-                raise self._fail(
-                    m["on_closed"],
-                    f"{where}.on_closed",
-                    f"{value!r} is not one of: {', '.join(ON_CLOSED_CHOICES)}",
-                )
-            kw["on_closed"] = value
+        for key, choices in (("on_closed", ON_CLOSED_CHOICES), ("defer_answer", DEFER_ANSWER_CHOICES)):
+            if key in m:
+                value = self._string(m[key], f"{where}.{key}")
+                if value not in choices:
+                    raise self._fail(
+                        m[key], f"{where}.{key}", f"{value!r} is not one of: {', '.join(choices)}"
+                    )
+                kw[key] = value
+        if "outbox" in m:
+            kw["outbox"] = self._outbox(m["outbox"], f"{where}.outbox")
         for key in ("closed_for_s", "dedupe_s"):
             if key in m:
                 kw[key] = self._seconds(m[key], f"{where}.{key}", 7 * 86400)
@@ -585,7 +629,15 @@ def _describe_peer_state(ps: PeerState, a: Action) -> list[str]:
         out.append(f"  a {field_name} older than the newest one seen for the peer is replaced by it")
     if ps.remember_stale:
         out.append(f"  a {field_name} proven stale is removed before the send goes out")
-    if ps.on_closed == "answer-locally":
+    if ps.on_closed == "defer":
+        o = ps.outbox
+        answer = 'HTTP 200 {"ret":0}' if ps.defer_answer == "accepted" else "iLink's refusal"
+        out.append(
+            f"  sends to a closed window are queued (outbox: {o.max_per_peer} per peer, {o.max_total} "
+            f"in all, kept {o.max_age_s:g} s) and answered with {answer}; when the peer writes, "
+            f"up to {o.flush_max} are delivered with the fresh token, {o.flush_gap_s:g} s apart"
+        )
+    elif ps.on_closed == "answer-locally":
         out.append(
             f"  if even the send without {field_name} is refused, the peer's window is closed: later sends "
             f"are answered locally with that refusal until the peer writes (at most {ps.closed_for_s:g} s)"
@@ -602,3 +654,14 @@ def _describe_peer_state(ps: PeerState, a: Action) -> list[str]:
         f"for it; one iLink accepted is answered from memory for {ps.dedupe_s:g} s"
     )
     return out
+
+
+def with_deferral(ruleset: RuleSet) -> RuleSet:
+    """The rules with deferred delivery on for every rule (``--defer``): ``on_closed: defer``,
+    adding peer state with its defaults where a rule has none."""
+    rules = tuple(
+        dataclasses.replace(r, peer_state=dataclasses.replace(r.peer_state or PeerState(), on_closed="defer"))
+        for r in ruleset.rules
+    )
+    updates = ruleset.updates or Updates(DEFAULT_UPDATES_FILTER, flowfilter.parse(DEFAULT_UPDATES_FILTER))
+    return dataclasses.replace(ruleset, rules=rules, updates=updates)

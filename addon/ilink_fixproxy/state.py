@@ -56,6 +56,16 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (bot, client_id)
 );
 CREATE INDEX IF NOT EXISTS messages_updated ON messages (updated);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    bot TEXT NOT NULL, peer TEXT NOT NULL, client_id TEXT, created REAL NOT NULL,
+    rule TEXT NOT NULL, method TEXT NOT NULL, url TEXT NOT NULL, headers TEXT NOT NULL,
+    body BLOB NOT NULL, via TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    UNIQUE (bot, client_id)
+);
+CREATE INDEX IF NOT EXISTS outbox_peer ON outbox (bot, peer, id);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS flush_requests (peer TEXT PRIMARY KEY, requested REAL NOT NULL);
 """
 
 
@@ -93,6 +103,26 @@ class Message:
     headers: list[tuple[str, str]]
     body: bytes | None
     updated: float
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A deferred send waiting in the outbox. Stored without Authorization and without the
+    context_token: the bot's credentials and a fresh token are added when it is delivered."""
+
+    id: int
+    bot: str
+    peer: str
+    client_id: str | None
+    created: float
+    rule: str
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    via: tuple[str, tuple[str, int]] | None
+    attempts: int
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -348,6 +378,164 @@ class StateStore:
         )
         self._wrote()
 
+    # ------------------------------------------------------------------ outbox (deferred delivery)
+
+    _QUEUED_COLUMNS = (
+        "id, bot, peer, client_id, created, rule, method, url, headers, body, via, attempts, last_error"
+    )
+
+    @staticmethod
+    def _queued(row: tuple) -> Queued:
+        via = json.loads(row[10]) if row[10] else None
+        return Queued(
+            id=row[0],
+            bot=row[1],
+            peer=row[2],
+            client_id=row[3],
+            created=row[4],
+            rule=row[5],
+            method=row[6],
+            url=row[7],
+            headers=[(k, v) for k, v in json.loads(row[8])],
+            body=bytes(row[9]),
+            via=(via[0], (via[1][0], via[1][1])) if via else None,
+            attempts=row[11],
+            last_error=row[12],
+        )
+
+    def enqueue(
+        self,
+        *,
+        bot: str,
+        peer: str,
+        client_id: str | None,
+        rule: str,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        via: tuple[str, tuple[str, int]] | None,
+        now: float,
+        max_per_peer: int,
+        max_total: int,
+    ) -> tuple[str, int | None]:
+        """Queue a send: ("queued", id), ("duplicate", id) for a client_id already queued, or
+        ("full", None) when the peer's or the whole outbox's cap is reached."""
+        if client_id:
+            row = self.db.execute(
+                "SELECT id FROM outbox WHERE bot = ? AND client_id = ?", (bot, client_id)
+            ).fetchone()
+            if row:
+                return "duplicate", row[0]
+        per_peer = self.db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE bot = ? AND peer = ?", (bot, peer)
+        ).fetchone()[0]
+        total = self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        if per_peer >= max_per_peer or total >= max_total:
+            return "full", None
+        cur = self.db.execute(
+            """INSERT INTO outbox (bot, peer, client_id, created, rule, method, url, headers, body, via)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                bot,
+                peer,
+                client_id,
+                now,
+                rule,
+                method,
+                url,
+                json.dumps(headers),
+                body,
+                json.dumps(via) if via else None,
+            ),
+        )
+        self.bump("deferred")
+        return "queued", cur.lastrowid
+
+    def queued_id(self, bot: str, client_id: str) -> int | None:
+        row = self.db.execute(
+            "SELECT id FROM outbox WHERE bot = ? AND client_id = ?", (bot, client_id)
+        ).fetchone()
+        return row[0] if row else None
+
+    def outbox(self, bot: str | None = None, peer: str | None = None, limit: int = -1) -> list[Queued]:
+        """Queued sends, oldest first (all of them, or one bot's peer's)."""
+        if bot is None:
+            rows = self.db.execute(f"SELECT {self._QUEUED_COLUMNS} FROM outbox ORDER BY id LIMIT ?", (limit,))
+        else:
+            rows = self.db.execute(
+                f"SELECT {self._QUEUED_COLUMNS} FROM outbox WHERE bot = ? AND peer = ? ORDER BY id LIMIT ?",
+                (bot, peer, limit),
+            )
+        return [self._queued(r) for r in rows]
+
+    def outbox_count(self, bot: str, peer: str) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE bot = ? AND peer = ?", (bot, peer)
+        ).fetchone()[0]
+
+    def dequeue(self, queued_id: int) -> bool:
+        return self.db.execute("DELETE FROM outbox WHERE id = ?", (queued_id,)).rowcount > 0
+
+    def note_failure(self, queued_id: int, error: str) -> int:
+        self.db.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:200], queued_id)
+        )
+        row = self.db.execute("SELECT attempts FROM outbox WHERE id = ?", (queued_id,)).fetchone()
+        return row[0] if row else 0
+
+    def outbox_rules(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT rule FROM outbox")]
+
+    def expire(self, now: float, max_age_s: float, rule: str | None = None) -> list[Queued]:
+        """Remove and return the sends (of one rule, or all) queued longer than max_age_s."""
+        rows = [
+            self._queued(r)
+            for r in self.db.execute(
+                f"SELECT {self._QUEUED_COLUMNS} FROM outbox WHERE created < ? AND (? IS NULL OR rule = ?) "
+                "ORDER BY id",
+                (now - max_age_s, rule, rule),
+            )
+        ]
+        for q in rows:
+            self.dequeue(q.id)
+        if rows:
+            self.bump("expired", len(rows))
+        return rows
+
+    def outbox_stats(self, now: float) -> dict[str, float]:
+        depth, oldest = self.db.execute("SELECT COUNT(*), MIN(created) FROM outbox").fetchone()
+        counters = self.counters()
+        return {
+            "depth": depth,
+            "oldest_age_s": (now - oldest) if oldest else 0.0,
+            "deferred": counters.get("deferred", 0),
+            "delivered_late": counters.get("delivered_late", 0),
+            "expired": counters.get("expired", 0),
+            "dropped": counters.get("dropped", 0),
+        }
+
+    def request_flush(self, peer: str, now: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO flush_requests (peer, requested) VALUES (?, ?)", (peer, now))
+
+    def take_flush_requests(self) -> list[str]:
+        peers = [r[0] for r in self.db.execute("SELECT peer FROM flush_requests")]
+        if peers:
+            self.db.execute("DELETE FROM flush_requests")
+        return peers
+
+    # ------------------------------------------------------------------ counters
+
+    def bump(self, name: str, by: int = 1) -> None:
+        self.db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, value FROM counters").fetchall())
+
     # ------------------------------------------------------------------ housekeeping
 
     def _wrote(self) -> None:
@@ -371,7 +559,7 @@ class StateStore:
     def counts(self) -> dict[str, int]:
         return {
             table: self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-            for table in ("peers", "stale_tokens", "bots", "messages")
+            for table in ("peers", "stale_tokens", "bots", "messages", "outbox")
         }
 
     @contextlib.contextmanager

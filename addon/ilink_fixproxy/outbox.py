@@ -1,0 +1,247 @@
+"""Deferred delivery: keep sends refused because the peer's window is closed, deliver them when
+the peer writes again.
+
+Like a mail server: the send is accepted into a durable queue (the state file's outbox table),
+and delivered later, oldest first, with the fresh context_token that the peer's inbound message
+brought, paced and capped per flush so the fresh token keeps budget for the gateway's own reply.
+Each queued send keeps its client_id; a delivery failure keeps it queued (bounded attempts);
+expired ones are dropped and reported, never silently.
+
+Queued sends are stored without the bot's Authorization header and without the context_token:
+the credentials come from the request that triggers the flush (the same bot's getupdates poll),
+the token is the fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import http
+
+from .jsonedit import remove_member, set_value
+from .matching import AnswerSummary, answer_is_failure, parse_json_object
+from .redact import token_hash
+from .reissue import ReissueError, Reissuer
+from .rules import Rule
+from .state import Queued, StateStore
+
+log = logging.getLogger("ilink_fixproxy")
+
+DELIVERY_TIMEOUT_S = 15.0  # what gateways allow a sendmessage
+# Headers that describe the gateway's connection or carry its credentials: never stored.
+_NOT_STORED = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+    }
+)
+
+Event = dict[str, Any]
+
+
+class Outbox:
+    def __init__(
+        self, store: StateStore, reissuer: Reissuer, rule_named: Callable[[str], Rule | None]
+    ) -> None:
+        self.store = store
+        self.reissuer = reissuer
+        self.rule_named = rule_named
+        self.listeners: list[Callable[[Event], None]] = []
+        self._active: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[int]] = set()
+
+    # ------------------------------------------------------------------ queueing
+
+    def defer(
+        self, rule: Rule, bot: str, peer: str, client_id: str | None, request: http.Request, via: Any
+    ) -> tuple[str, int]:
+        """Queue a send; returns ("queued" | "duplicate" | "full", sends now queued for the peer)."""
+        ps = rule.peer_state
+        assert ps is not None
+        raw = request.raw_content or b""
+        body = remove_member(raw, rule.action.remove) or raw
+        headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_STORED]
+        self.expire(time.time())
+        result, _ = self.store.enqueue(
+            bot=bot,
+            peer=peer,
+            client_id=client_id,
+            rule=rule.name,
+            method=request.method,
+            url=request.url,
+            headers=headers,
+            body=body,
+            via=via,
+            now=time.time(),
+            max_per_peer=ps.outbox.max_per_peer,
+            max_total=ps.outbox.max_total,
+        )
+        return result, self.store.outbox_count(bot, peer)
+
+    def expire(self, now: float) -> list[Queued]:
+        expired: list[Queued] = []
+        for name in self.store.outbox_rules():
+            rule = self.rule_named(name)
+            max_age = rule.peer_state.outbox.max_age_s if rule and rule.peer_state else 86400.0
+            expired += self.store.expire(now, max_age, rule=name)
+        for q in expired:
+            log.warning(
+                f"outbox: dropped an expired deferred send to peer {token_hash(q.peer)} client_id "
+                f"{q.client_id or '-'} (queued {now - q.created:.0f} s ago, {q.attempts} failed deliveries)"
+            )
+            self._emit(
+                {
+                    "event": "expired",
+                    "peer": q.peer,
+                    "bot": q.bot[:12],
+                    "client_id": q.client_id,
+                    "queued_s": round(now - q.created, 1),
+                    "attempts": q.attempts,
+                }
+            )
+        return expired
+
+    # ------------------------------------------------------------------ delivering
+
+    def on_inbound(self, bot: str, peer: str, token: str | None, authorization: str) -> None:
+        """The peer wrote: deliver its queued sends (in the background, one flush at a time)."""
+        if (bot, peer) in self._active or not self.store.outbox_count(bot, peer):
+            return
+        self._active.add((bot, peer))
+        task = asyncio.ensure_future(self.flush(bot, peer, token, authorization))
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task[int]) -> None:
+            self._tasks.discard(t)
+            self._active.discard((bot, peer))
+            if not t.cancelled() and t.exception() is not None:
+                log.warning(f"outbox: flush to peer {token_hash(peer)} failed: {t.exception()!r}")
+
+        task.add_done_callback(finished)
+
+    async def flush(self, bot: str, peer: str, token: str | None, authorization: str) -> int:
+        """Deliver up to the rule's flush_max queued sends, oldest first; returns how many went."""
+        self.expire(time.time())
+        queued = self.store.outbox(bot, peer)
+        if not queued:
+            return 0
+        first_rule = self.rule_named(queued[0].rule)
+        limit = first_rule.peer_state.outbox.flush_max if first_rule and first_rule.peer_state else 3
+        delivered = 0
+        for i, q in enumerate(queued[:limit]):
+            rule = self.rule_named(q.rule)
+            if rule is None or rule.peer_state is None:
+                continue
+            if i:
+                await asyncio.sleep(rule.peer_state.outbox.flush_gap_s)
+            ok = await self._deliver(rule, q, token, authorization)
+            if not ok:
+                break  # the window closed again: the rest waits for the next inbound message
+            delivered += 1
+        if delivered:
+            left = self.store.outbox_count(bot, peer)
+            log.info(
+                f"outbox: delivered {delivered} deferred send(s) to peer {token_hash(peer)}; "
+                f"{left} still queued"
+            )
+        return delivered
+
+    async def _deliver(self, rule: Rule, q: Queued, token: str | None, authorization: str) -> bool:
+        ps = rule.peer_state
+        assert ps is not None
+        body = set_value(q.body, rule.action.remove, token) if token else q.body
+        body = body or q.body
+        fields = [
+            (k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+            for k, v in [*q.headers, ("Authorization", authorization)]
+        ]
+        request = http.Request.make(q.method, q.url, body, fields)
+        started = time.monotonic()
+        try:
+            response = await self.reissuer.send(request, body, q.via, DELIVERY_TIMEOUT_S)
+            content = response.get_content(strict=True) or b""
+            error = None
+        except (ReissueError, ValueError) as e:
+            response, content, error = None, b"", str(e)
+        ms = round((time.monotonic() - started) * 1000, 1)
+        failed = response is None or answer_is_failure(
+            rule.match, response.status_code, parse_json_object(content)
+        )
+        summary = error or AnswerSummary.of(response.status_code, content).short()  # type: ignore[union-attr]
+        event: Event = {
+            "peer": q.peer,
+            "bot": q.bot[:12],
+            "client_id": q.client_id,
+            "rule": rule.name,
+            "ms": ms,
+            "queued_s": round(time.time() - q.created, 1),
+            "answer": summary,
+            "token": "fresh" if token else "none",
+        }
+        if not failed and response is not None:
+            self.store.dequeue(q.id)
+            self.store.bump("delivered_late")
+            if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
+                now = time.time()
+                headers = [
+                    (k, v) for k, v in response.headers.items(multi=True) if k.lower() != "content-length"
+                ]
+                self.store.record_attempts(
+                    q.bot,
+                    q.client_id,
+                    1,
+                    True,
+                    response.status_code,
+                    headers,
+                    content,
+                    now,
+                    since=now - ps.dedupe_s,
+                )
+            log.info(
+                f"delivered-late: deferred send to peer {token_hash(q.peer)} client_id {q.client_id or '-'} "
+                f"after {event['queued_s']:.0f} s: {summary}"
+            )
+            self._emit({"event": "delivered-late", **event})
+            return True
+        attempts = self.store.note_failure(q.id, summary)
+        if attempts >= ps.outbox.max_attempts:
+            self.store.dequeue(q.id)
+            self.store.bump("dropped")
+            log.warning(
+                f"outbox: gave up on deferred send to peer {token_hash(q.peer)} client_id "
+                f"{q.client_id or '-'} after {attempts} failed deliveries: {summary}"
+            )
+            self._emit({"event": "dropped", **event, "attempts": attempts})
+        else:
+            log.warning(
+                f"outbox: delivery to peer {token_hash(q.peer)} client_id {q.client_id or '-'} failed "
+                f"({summary}); still queued ({attempts}/{ps.outbox.max_attempts} attempts)"
+            )
+            self._emit({"event": "delivery-failed", **event, "attempts": attempts})
+        return False
+
+    def _emit(self, event: Event) -> None:
+        event = {"time": time.time(), **event}
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception as e:  # a broken listener must not stop deliveries
+                log.warning(f"outbox: event listener failed: {type(e).__name__}: {e}")
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
