@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from typing import Any
@@ -54,6 +55,8 @@ class IlinkFixProxy:
         self._state_key: tuple[str, ...] | None = None
         self._running = False
         self._housekeeping: asyncio.Future[None] | None = None
+        self._in_flight = 0
+        self._rules_mtime: int | None = None
 
     # ------------------------------------------------------------------ options
 
@@ -111,6 +114,7 @@ class IlinkFixProxy:
             except rules_mod.RulesError as e:
                 raise exceptions.OptionsError(f"ilink_rules: {e}") from None
             self.ruleset = rules_mod.with_deferral(ruleset) if ctx.options.ilink_defer else ruleset
+            self._rules_mtime = self._rules_file_mtime()
             log.info(f"ilink-fixproxy: {len(self.ruleset.rules)} rule(s) from {self.ruleset.source}")
         if "ilink_buffer_limit" in updated:
             try:
@@ -158,9 +162,11 @@ class IlinkFixProxy:
         self._housekeeping = asyncio.ensure_future(self._housekeep())
 
     async def _housekeep(self) -> None:
-        """Every few seconds: expire old deferred sends, serve `outbox flush` requests."""
+        """Every few seconds: reload an edited rules file, expire old deferred sends, serve
+        `outbox flush` requests."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
+            self._reload_rules_if_changed()
             if self.tracker is None:
                 continue
             try:
@@ -168,6 +174,37 @@ class IlinkFixProxy:
                 self.tracker.flush_requested()
             except Exception as e:  # keep going: one bad round must not end housekeeping
                 log.warning(f"ilink-fixproxy housekeeping: {type(e).__name__}: {e}")
+
+    def _rules_file_mtime(self) -> int | None:
+        path = ctx.options.ilink_rules
+        try:
+            return os.stat(path).st_mtime_ns if path else None
+        except OSError:
+            return None
+
+    def _reload_rules_if_changed(self) -> None:
+        """A rules file edited on disk is picked up; a broken edit keeps the last good rules."""
+        mtime = self._rules_file_mtime()
+        if mtime is None or mtime == self._rules_mtime:
+            return
+        self._rules_mtime = mtime
+        path = ctx.options.ilink_rules
+        try:
+            ruleset = rules_mod.load_file(path)
+        except rules_mod.RulesError as e:
+            log.warning(f"rules file changed but is not valid, keeping the last good rules: {e}")
+            return
+        self.ruleset = rules_mod.with_deferral(ruleset) if ctx.options.ilink_defer else ruleset
+        log.info(f"rules reloaded: {len(self.ruleset.rules)} rule(s) from {path}")
+        self._sync_allow_hosts()
+        try:
+            self._open_state()
+        except exceptions.OptionsError as e:
+            log.warning(f"rules reloaded, but peer state is unavailable: {e}")
+
+    def busy(self) -> bool:
+        """Repairs or sends still in flight (graceful shutdown waits for them)."""
+        return self._in_flight > 0 or bool(self.tracker and self.tracker.busy())
 
     def _rule_named(self, name: str) -> Rule | None:
         return next((r for r in self.ruleset.rules if r.name == name), None)
@@ -233,12 +270,15 @@ class IlinkFixProxy:
             return
         rule, doc = picked
         try:
+            self._in_flight += 1
             outcome = await self.tracker.handle(flow, rule, doc)
         except Exception as e:  # never worse than no proxy: mitmproxy forwards it as usual
             log.warning(
                 f"{_endpoint(flow)}: peer-state handling failed, forwarding as is: {type(e).__name__}: {e}"
             )
             return
+        finally:
+            self._in_flight -= 1
         if outcome.response is None:
             return
         flow.response = outcome.response
@@ -274,6 +314,7 @@ class IlinkFixProxy:
         if selected is None:
             return
         rule, request_doc = selected
+        self._in_flight += 1
         try:
             await self._repair(flow, rule, request_doc)
         except Exception as e:  # never worse than no proxy: the original answer stays
@@ -281,6 +322,8 @@ class IlinkFixProxy:
                 f"{_endpoint(flow)}: repair by rule {rule.name!r} failed, original answer kept: "
                 f"{type(e).__name__}"
             )
+        finally:
+            self._in_flight -= 1
 
     # ------------------------------------------------------------------ helpers
 

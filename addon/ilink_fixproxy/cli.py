@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="peer-state file for rules with peer_state (default: ilink-fixproxy-state.sqlite3 in the "
         "confdir; ':memory:' keeps nothing across restarts)",
+    )
+    parser.add_argument(
+        "--proxy-auth",
+        metavar="USER:PASS",
+        default=None,
+        help="forward mode: require these proxy credentials (Proxy-Authorization) from clients",
     )
     parser.add_argument(
         "--defer",
@@ -258,6 +265,7 @@ class Settings:
     state: str | None = None
     verbose: bool = False
     defer: bool = False
+    proxy_auth: str | None = None
     setoptions: list[str] = field(default_factory=list)
 
 
@@ -269,6 +277,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "chooses the host (use --set mode=upstream:URL for an upstream proxy)"
         )
     upstream = parse_upstream(args.upstream or DEFAULT_UPSTREAM)
+    if args.proxy_auth is not None:
+        if args.mode != "forward":
+            raise UsageError(
+                "--proxy-auth only applies to --mode forward: in reverse mode the gateway's Authorization "
+                "header carries its iLink bot token; protect a reverse proxy by where it listens instead"
+            )
+        if ":" not in args.proxy_auth or args.proxy_auth.startswith(":"):
+            raise UsageError("--proxy-auth: expected USER:PASS")
     rules_path = resolve_rules_path(args.rules)
     ruleset = load_rules(rules_path)
     confdir = Path(os.path.expanduser(args.confdir))
@@ -290,6 +306,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         upstream_bundle=bundle,
         state=args.state,
         defer=args.defer,
+        proxy_auth=args.proxy_auth,
         verbose=args.verbose,
         setoptions=list(args.setoptions),
     )
@@ -349,6 +366,8 @@ def mitmproxy_options(s: Settings) -> dict[str, object]:
         opts["ilink_state"] = s.state
     if s.defer:
         opts["ilink_defer"] = True
+    if s.proxy_auth:
+        opts["proxyauth"] = s.proxy_auth
     if s.upstream_bundle:
         opts["ssl_verify_upstream_trusted_ca"] = str(s.upstream_bundle)
     return opts
@@ -372,6 +391,24 @@ def startup_line(s: Settings, url: str, rule_count: int) -> str:
     )
 
 
+def exposure_warning(s: Settings, authenticated: bool) -> str | None:
+    """What to say when the proxy is reachable from other machines."""
+    if is_loopback(s.listen_host):
+        return None
+    if s.mode == "forward" and not authenticated:
+        return (
+            f"listening on {s.listen_host}, reachable from other machines, without authentication: "
+            "anyone who reaches it can use it as a proxy (add --proxy-auth USER:PASS)"
+        )
+    if s.mode == "reverse":
+        return (
+            f"listening on {s.listen_host} in reverse mode: anyone who reaches it talks to iLink "
+            "through it; keep it behind a firewall or on a private network (in a container, publish "
+            "the port on the host's 127.0.0.1 only)"
+        )
+    return None
+
+
 class StartupReport:
     """Prints the one human start line once mitmproxy really listens (the port may be 0)."""
 
@@ -387,13 +424,9 @@ class StartupReport:
         ours = ctx.master.addons.get("ilinkfixproxy")
         count = len(ours.ruleset.rules) if ours else len(self.settings.ruleset.rules)
         print(startup_line(self.settings, f"http://{shown}:{port}", count), flush=True)
-        if not is_loopback(self.settings.listen_host) and not ctx.options.proxyauth:
-            print(
-                f"{PROG}: WARNING: listening on {self.settings.listen_host}, reachable from other "
-                "machines, without authentication (--set proxyauth=USER:PASS)",
-                file=sys.stderr,
-                flush=True,
-            )
+        warning = exposure_warning(self.settings, bool(ctx.options.proxyauth))
+        if warning:
+            print(f"{PROG}: WARNING: {warning}", file=sys.stderr, flush=True)
 
 
 async def serve(s: Settings) -> int:
@@ -423,8 +456,16 @@ async def serve(s: Settings) -> int:
         raise UsageError(str(e)) from None
 
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        if stopping:  # a second signal: stop now
+            m.shutdown()
+            return
+        stopping.append(asyncio.ensure_future(graceful_shutdown(m)))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, m.shutdown)
+        loop.add_signal_handler(sig, stop)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await m.run()
@@ -442,6 +483,20 @@ def check_state_free(s: Settings) -> None:
         state_mod.StateStore(path).close()
     except state_mod.StateError as e:
         raise UsageError(str(e)) from None
+
+
+async def graceful_shutdown(m: object, grace_s: float = 12.0) -> None:
+    """Stop accepting connections, let in-flight repairs and sends finish (each is bounded by its
+    rule's deadline), then shut down; mitmproxy's `done` closes the state file cleanly."""
+    from mitmproxy import exceptions
+
+    ours = m.addons.get("ilinkfixproxy")  # type: ignore[attr-defined]
+    with contextlib.suppress(exceptions.OptionsError):
+        m.options.update(server=False)  # type: ignore[attr-defined]
+    end = asyncio.get_running_loop().time() + grace_s
+    while ours is not None and ours.busy() and asyncio.get_running_loop().time() < end:
+        await asyncio.sleep(0.05)
+    m.shutdown()  # type: ignore[attr-defined]
 
 
 def run_proxy(args: argparse.Namespace) -> int:

@@ -115,6 +115,9 @@ class PeerTracker:
     def close(self) -> None:
         self.store.close()
 
+    def busy(self) -> bool:
+        return bool(self._inflight) or bool(self.outbox._tasks)
+
     # ------------------------------------------------------------------ learning from getupdates
 
     def observe_updates(self, flow: http.HTTPFlow) -> int:
