@@ -4,9 +4,10 @@
         --set ilink_rules=rules.yaml
     mitmweb  -s addon/ilink_fixproxy_addon.py ...
 
-Options are the addon's ``ilink_*`` options (``--set``). The package must be importable by the
-mitmproxy that runs this (``pip install ilink-fixproxy`` into its environment); from a source
-checkout, the package next to this file is used.
+Options are the addons' ``ilink_*`` options (``--set``): the repair itself, plus capture
+(``ilink_capture=DIR``), metrics (``ilink_metrics=HOST:PORT``) and ``ilink_log_format``.
+The package must be importable by the mitmproxy that runs this (``pip install ilink-fixproxy``
+into its environment); from a source checkout, the package next to this file is used.
 """
 
 import sys
@@ -17,5 +18,8 @@ try:
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from ilink_fixproxy.addon import IlinkFixProxy
+from ilink_fixproxy.capture import Capture
+from ilink_fixproxy.metrics import Metrics
 
-addons = [IlinkFixProxy()]
+# Capture and Metrics come after IlinkFixProxy: they record each flow as it left our addon.
+addons = [IlinkFixProxy(), Capture(), Metrics()]

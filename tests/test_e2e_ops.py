@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 from conftest import HEADERS, ROOT, SEND, core_rules, send_body, start_proxy
-
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 

@@ -56,6 +56,7 @@ class IlinkFixProxy:
         self._running = False
         self._housekeeping: asyncio.Future[None] | None = None
         self._in_flight = 0
+        self._managed_stream_limit: str | None = None
         self._rules_mtime: int | None = None
 
     # ------------------------------------------------------------------ options
@@ -128,6 +129,8 @@ class IlinkFixProxy:
                 )
             self.buffer_limit = limit
             self.reissuer.max_answer_bytes = limit
+        if updated & {"ilink_buffer_limit", "stream_large_bodies"}:
+            self._sync_stream_large_bodies()
         if updated & _TLS_OPTIONS:
             trust = UpstreamTrust(
                 insecure=ctx.options.ssl_insecure,
@@ -155,6 +158,7 @@ class IlinkFixProxy:
 
     def running(self) -> None:
         self._running = True
+        self._sync_stream_large_bodies()  # configure() may never have seen ilink_buffer_limit
         try:
             self._open_state()
         except exceptions.OptionsError as e:
@@ -236,6 +240,18 @@ class IlinkFixProxy:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         self._close_state()
+
+    def _sync_stream_large_bodies(self) -> None:
+        """Bodies of unknown length (chunked) are only seen growing; mitmproxy's own
+        stream_large_bodies switches them to streaming once they pass the limit, so a selected flow
+        never holds more than ilink_buffer_limit in memory. An operator's own setting wins."""
+        current = ctx.options.stream_large_bodies
+        want = ctx.options.ilink_buffer_limit
+        if current and current != self._managed_stream_limit:
+            return
+        if current != want:
+            self._managed_stream_limit = want
+            ctx.options.update(stream_large_bodies=want)
 
     def _sync_allow_hosts(self) -> None:
         """Forward mode: intercept only the rules' hosts, so other traffic never needs our CA."""

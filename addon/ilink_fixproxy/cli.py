@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import __version__
+from . import __version__, cli_capture
 from . import rules as rules_mod
 
 PROG = "ilink-fixproxy"
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
               state forget PEER   forget one peer (its id, or the hash `state` shows)
               outbox [list]  deferred sends waiting for their peer to write
               outbox flush PEER / outbox drop ID   deliver a peer's deferred sends now / drop one
+              capture export --har OUT DIR   a capture directory (--capture DIR) as HAR 1.2
+              explain CAPTURE [--rules PATH]   replay a capture through the rules offline
 
             examples:
               ilink-fixproxy                                  # 127.0.0.1:8765 -> iLink
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="setoptions",
         help="set any mitmproxy or ilink_* option; repeatable",
     )
+    cli_capture.add_run_flags(parser)
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_check = sub.add_parser("check", help="validate a rules file and explain it")
@@ -201,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
     )
     p_out.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
+    cli_capture.add_subcommands(sub)
     return parser
 
 
@@ -267,6 +271,8 @@ class Settings:
     defer: bool = False
     proxy_auth: str | None = None
     setoptions: list[str] = field(default_factory=list)
+    ui: bool = False
+    observability: dict[str, object] = field(default_factory=dict)  # capture, metrics, logs
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -309,6 +315,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         proxy_auth=args.proxy_auth,
         verbose=args.verbose,
         setoptions=list(args.setoptions),
+        ui=args.ui,
+        observability=cli_capture.run_options(args),
     )
 
 
@@ -370,6 +378,7 @@ def mitmproxy_options(s: Settings) -> dict[str, object]:
         opts["proxyauth"] = s.proxy_auth
     if s.upstream_bundle:
         opts["ssl_verify_upstream_trusted_ca"] = str(s.upstream_bundle)
+    opts.update(s.observability)
     return opts
 
 
@@ -430,10 +439,9 @@ class StartupReport:
 
 
 async def serve(s: Settings) -> int:
-    from mitmproxy import exceptions, master, options
+    from mitmproxy import exceptions, options
 
     from .addon import IlinkFixProxy
-    from .chain import proxy_addons
 
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("asyncio", "hpack", "passlib"):
@@ -444,8 +452,7 @@ async def serve(s: Settings) -> int:
         logging.getLogger("mitmproxy.proxy").setLevel(logging.WARNING)
 
     opts = options.Options()
-    m = master.Master(opts, with_termlog=True)
-    m.addons.add(*proxy_addons(IlinkFixProxy(), StartupReport(s)))
+    m = cli_capture.make_master(opts, s, IlinkFixProxy(), StartupReport(s))  # + capture, metrics, --ui
     try:
         opts.update(**mitmproxy_options(s))
         if s.setoptions:
@@ -649,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo()
+        if (code := cli_capture.dispatch(args)) is not None:
+            return code
         return run_proxy(args)
     except rules_mod.RulesError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

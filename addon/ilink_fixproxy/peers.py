@@ -286,6 +286,12 @@ class PeerTracker:
                 break
             try:
                 await self._attempt(send, nxt, original, send.deadline - time.time())
+                if send.reissue_failed:
+                    log.warning(
+                        f"sendmessage to peer {token_hash(send.peer)}: re-issue answer unusable "
+                        f"({send.trace[-1].get('status')}); the original answer is kept"
+                    )
+                    break
             except ReissueError as e:
                 # Never worse than no proxy: the answer already received goes back unchanged, and
                 # an attempt whose fate is unknown teaches us nothing about the peer or the bot.
@@ -379,16 +385,23 @@ class PeerTracker:
         send.sent += 1
         try:
             content = response.get_content(strict=True) or b""
+            decodable = True
         except ValueError:
-            content = b""
+            content, decodable = b"", False
         send.trace.append(
             attempt_record(response.status_code, content, (time.monotonic() - started) * 1000, kind)
         )
         usable = not send.attempts or (
-            response.status_code == 200 and (not content or parse_json_object(content) is not None)
+            decodable
+            and response.status_code == 200
+            and (not content or parse_json_object(content) is not None)
         )
-        if usable:  # an unusable re-issue answer is dropped: the caller keeps the earlier one
+        if usable:
             send.attempts.append(_Attempt(token, response, content, parse_json_object(content)))
+        else:
+            # A re-issue answered with something we cannot hand back (5xx, non-JSON, cut short):
+            # like a reset, the caller keeps the earlier answer and nothing is learnt from it.
+            send.reissue_failed = True
 
     def _failed(self, send: _Send) -> bool:
         last = send.attempts[-1]

@@ -7,6 +7,11 @@ only ever show a short one-way hash, enough to tell two tokens apart in a log.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _LABEL = b"ilink-fixproxy/v1:"
 
@@ -16,3 +21,162 @@ def token_hash(token: object) -> str:
     if token is None or token == "":
         return "-"
     return "#" + hashlib.sha256(_LABEL + str(token).encode("utf-8", "replace")).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------- capture redaction
+#
+# What may be written to capture files (journal, flow files, HAR) and logs. The rule is simple:
+# every value that grants access (bot token, context token, typing ticket, media keys and the
+# signed CDN parameters, QR login codes) is replaced by its token_hash, so two captures can still
+# be compared ("the same token was sent again") but nothing in them can be replayed.
+
+# Body keys (compared case-insensitively) whose values are secrets (ilink-protocol.md §2).
+SECRET_KEYS = frozenset(
+    {
+        "authorization",
+        "context_token",
+        "typing_ticket",
+        "bot_token",
+        "local_token_list",
+        "aes_key",
+        "aeskey",
+        "encrypt_query_param",
+        "encrypted_query_param",
+        "upload_param",
+        "thumb_upload_param",
+        "upload_full_url",
+        "full_url",
+        "qrcode",
+        "qrcode_img_content",
+    }
+)
+# Suffixes that catch the variants iLink adds over time (thumb_aes_key, *_full_url, ...).
+_SECRET_SUFFIXES = ("_token", "aes_key", "aeskey", "_query_param", "upload_param", "full_url")
+# Headers whose values are credentials, or media parameters (the CDN's x-encrypted-param).
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-encrypted-param"}
+)
+# Keys naming a WeChat user, bot or group: hashed unless the operator asks for ids in clear.
+_ID_SUFFIXES = ("user_id", "bot_id", "group_id")
+# Where message content lives: each message's item_list (text, voice transcripts, media refs).
+_CONTENT_KEYS = frozenset({"item_list"})
+_TEXT_KEYS = frozenset({"text"})
+OMITTED = "<omitted>"
+
+_HASH_RE = re.compile(r"^#[0-9a-f]{10}$")
+
+
+def is_secret_key(name: str) -> bool:
+    low = name.lower()
+    return low in SECRET_KEYS or low.endswith(_SECRET_SUFFIXES)
+
+
+def is_id_key(name: str) -> bool:
+    return name.lower().endswith(_ID_SUFFIXES)
+
+
+def redact_value(value: Any) -> Any:
+    """A secret's stand-in: its token_hash (lists element-wise); already-redacted values are kept,
+    so redacting twice changes nothing."""
+    if value is None or value == "":
+        return value
+    if isinstance(value, list):
+        return [redact_value(v) for v in value]
+    if isinstance(value, str):
+        return value if _HASH_RE.match(value) else token_hash(value)
+    return token_hash(json.dumps(value, sort_keys=True))
+
+
+def id_value(value: Any, ids: bool) -> Any:
+    """A user/bot/group id as captured: in clear with ids=True, else hashed like a secret."""
+    if ids or not isinstance(value, str):
+        return value
+    return redact_value(value)
+
+
+def redact_json(doc: Any, *, bodies: bool = False, ids: bool = False) -> Any:
+    """A copy of a parsed JSON body safe to store: secrets hashed, ids hashed unless `ids`, and
+    unless `bodies`, message content (each item_list entry's payload, any "text") omitted."""
+    if isinstance(doc, list):
+        return [redact_json(v, bodies=bodies, ids=ids) for v in doc]
+    if not isinstance(doc, dict):
+        return doc
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        k = str(key)
+        if is_secret_key(k):
+            out[k] = redact_value(value)
+        elif is_id_key(k):
+            out[k] = id_value(value, ids)
+        elif not bodies and k.lower() in _CONTENT_KEYS and isinstance(value, list):
+            out[k] = [_item_outline(item) for item in value]
+        elif not bodies and k.lower() in _TEXT_KEYS and isinstance(value, str):
+            out[k] = OMITTED
+        else:
+            out[k] = redact_json(value, bodies=bodies, ids=ids)
+    return out
+
+
+def _item_outline(item: Any) -> Any:
+    """An item_list entry without its content: its type and which payload it carried."""
+    if not isinstance(item, dict):
+        return OMITTED
+    return {k: (v if k == "type" and isinstance(v, int) else OMITTED) for k, v in item.items()}
+
+
+def redact_header(name: str, value: str) -> str:
+    if name.lower() not in SECRET_HEADERS:
+        return value
+    scheme, sep, rest = value.partition(" ")
+    if sep and scheme.lower() in ("bearer", "basic", "token"):
+        return f"{scheme} {redact_value(rest.strip())}"
+    return str(redact_value(value))
+
+
+def redact_headers(fields: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, redact_header(k, v)) for k, v in fields]
+
+
+def redact_url(url: str) -> str:
+    """The URL with secret query parameters hashed (CDN encrypted_query_param, QR codes, ...)."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(is_secret_key(k) for k, _ in pairs):
+        return url
+    query = urlencode([(k, redact_value(v) if is_secret_key(k) else v) for k, v in pairs])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+# Free text (log lines): bearer credentials, and key/value pairs whatever their quoting (JSON,
+# Python repr, key=value query parameters, "key: value"). A value ends at a quote, a delimiter or the
+# end of the text, so a body cut short inside a token is still scrubbed.
+_BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+([^\s\"',;]+)")
+_PAIR_RE = re.compile(r"""(?i)(["']?)([a-z_]+)\1(\s*[:=]\s*)(["']?)([^"'\s&,;}\]]*)""")
+# Any mention of a secret-bearing key, for text that cannot be redacted structurally.
+_SECRET_MENTION_RE = re.compile(r"(?i)token|ticket|aes_?key|query_param|upload_param|full_url|qrcode")
+
+
+_SCHEMES = frozenset({"bearer", "basic", "token"})  # "Authorization: Bearer …": _BEARER_RE's part
+
+
+def _pair(m: re.Match[str]) -> str:
+    q, key, sep, vq, value = m.groups()
+    secret = value and is_secret_key(key) and value.lower() not in _SCHEMES
+    return f"{q}{key}{q}{sep}{vq}{redact_value(value) if secret else value}"
+
+
+def redact_text(text: str) -> str:
+    """Scrub secrets from a free-text line (a safety net: our own messages only ever hold hashes)."""
+    text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {redact_value(m.group(2))}", text)
+    return _PAIR_RE.sub(_pair, text)
+
+
+def safe_text_body(text: str) -> str | None:
+    """A non-JSON body as it may be stored (scrubbed), or None when it mentions a secret-bearing
+    key: without JSON structure (e.g. a body cut short) a secret could hide in ways no pattern
+    catches (a list of tokens, odd quoting), so such a body is not kept at all."""
+    if _SECRET_MENTION_RE.search(text):
+        return None
+    return redact_text(text)

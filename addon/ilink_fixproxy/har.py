@@ -1,0 +1,208 @@
+"""Export a capture directory as HAR 1.2 (``ilink-fixproxy capture export --har OUT DIR``).
+
+With flow files in the directory (``--capture-flows``) the HAR is mitmproxy's own
+(``SaveHar.make_har`` on those already-redacted flows); otherwise it is built from the journal.
+Either way each entry carries the proxy's decision as its HAR ``comment`` and, as the custom
+field ``_ilink_fixproxy``, the journal's facts (decision, attempts, times), which ``explain`` reads
+back. The result opens in browser devtools and in mitmproxy (``mitmproxy -r OUT.har``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from mitmproxy import http, io
+from mitmproxy.addons.savehar import SaveHar
+
+from .capture import FACTS, FLOWS_NAME, JOURNAL_NAME, iso_time, rotated_files
+
+
+class CaptureError(Exception):
+    """A capture that cannot be read; the message says which file and why."""
+
+
+def read_journal(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Journal records (exchanges and outbox events) from journal files, in order."""
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        # The last line of a file being written may be cut short: skip it, but
+                        # anything else is not a journal.
+                        if fh.readline():
+                            raise CaptureError(f"{path}:{n}: not a journal line (invalid JSON)") from None
+                        continue
+                    if isinstance(record, dict):
+                        yield record
+        except OSError as e:
+            raise CaptureError(f"{path}: {e.strerror or e}") from None
+
+
+def journal_files(directory: Path) -> list[Path]:
+    return rotated_files(directory, JOURNAL_NAME)
+
+
+def flow_files(directory: Path) -> list[Path]:
+    return rotated_files(directory, FLOWS_NAME)
+
+
+def _facts(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in FACTS if k in record}
+
+
+def _comment(facts: dict[str, Any]) -> str:
+    decision = facts.get("decision") or "passed"
+    rule = f" (rule {facts['rule']})" if facts.get("rule") else ""
+    note = f": {facts['note']}" if facts.get("note") else ""
+    return f"ilink-fixproxy {decision}{rule}{note}"
+
+
+def _headers(pairs: Iterable[Any]) -> list[dict[str, str]]:
+    return [{"name": str(k), "value": str(v)} for k, v in pairs]
+
+
+def _body_text(part: dict[str, Any]) -> str | None:
+    if part.get("json") is not None:
+        return json.dumps(part["json"], ensure_ascii=False)
+    return part.get("text")
+
+
+def _header(part: dict[str, Any], name: str) -> str:
+    return next((str(v) for k, v in part.get("headers", []) if str(k).lower() == name), "")
+
+
+def entry_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """One HAR entry from one journal exchange record (bodies as the journal has them)."""
+    req = record.get("request") or {}
+    resp = record.get("response")
+    url = record["url"]
+    entry_request: dict[str, Any] = {
+        "method": record["method"],
+        "url": url,
+        "httpVersion": req.get("http_version") or "HTTP/1.1",
+        "cookies": [],
+        "headers": _headers(req.get("headers", [])),
+        "queryString": [
+            {"name": k, "value": v} for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        ],
+        "headersSize": -1,
+        "bodySize": req.get("size") if req.get("size") is not None else -1,
+    }
+    if (text := _body_text(req)) is not None:
+        entry_request["postData"] = {"mimeType": _header(req, "content-type"), "text": text, "params": []}
+    if resp is not None:
+        text = _body_text(resp)
+        entry_response: dict[str, Any] = {
+            "status": resp_status(record),
+            "statusText": resp.get("reason") or "",
+            "httpVersion": resp.get("http_version") or "HTTP/1.1",
+            "cookies": [],
+            "headers": _headers(resp.get("headers", [])),
+            "content": {
+                "size": len(text.encode()) if text is not None else 0,
+                "mimeType": _header(resp, "content-type"),
+                "text": text if text is not None else "",
+            },
+            "redirectURL": "",
+            "headersSize": -1,
+            "bodySize": resp.get("size") if resp.get("size") is not None else -1,
+        }
+    else:  # no answer at all (the error says why), shaped like mitmproxy's own export
+        entry_response = {
+            "status": 0,
+            "statusText": "",
+            "httpVersion": "",
+            "cookies": [],
+            "headers": [],
+            "content": {"size": 0, "mimeType": "", "text": ""},
+            "redirectURL": "",
+            "headersSize": -1,
+            "bodySize": -1,
+            "_error": record.get("error"),
+        }
+    upstream = float(record.get("upstream_ms") or 0.0)
+    total = float(record.get("total_ms") or upstream)
+    facts = _facts(record)
+    return {
+        "startedDateTime": record.get("time") or iso_time(float(record.get("ts") or 0)),
+        "time": total,
+        "request": entry_request,
+        "response": entry_response,
+        "cache": {},
+        "timings": {"send": 0, "wait": upstream, "receive": max(total - upstream, 0.0)},
+        "comment": _comment(facts),
+        "_ilink_fixproxy": facts,
+    }
+
+
+def resp_status(record: dict[str, Any]) -> int:
+    status = record.get("status")
+    return int(status) if isinstance(status, int) else 0
+
+
+def har_document(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "log": {
+            "version": "1.2",
+            "creator": {"name": "ilink-fixproxy", "version": _our_version(), "comment": ""},
+            "pages": [],
+            "entries": entries,
+        }
+    }
+
+
+def _our_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def har_from_journal(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    return har_document([entry_from_record(r) for r in records if "method" in r and "url" in r])
+
+
+def har_from_flows(flows: list[Any]) -> dict[str, Any]:
+    """mitmproxy's own HAR of (already redacted) flows, plus each one's decision."""
+    http_flows = [f for f in flows if isinstance(f, http.HTTPFlow)]
+    doc = SaveHar().make_har(http_flows)
+    for entry, flow in zip(doc["log"]["entries"], http_flows, strict=True):
+        meta = dict(flow.metadata.get("ilink_fixproxy") or {})
+        meta.setdefault("decision", "passed")
+        entry["comment"] = flow.comment or _comment(meta)
+        entry["_ilink_fixproxy"] = meta
+    doc["log"]["creator"] = {"name": "ilink-fixproxy", "version": _our_version(), "comment": ""}
+    return doc
+
+
+def export_har(directory: Path) -> dict[str, Any]:
+    """The HAR document for a capture directory (flow files preferred, else the journal)."""
+    if not directory.is_dir():
+        raise CaptureError(f"{directory}: not a capture directory")
+    if flows_paths := flow_files(directory):
+        try:
+            flows = io.read_flows_from_paths([str(p) for p in flows_paths])
+        except Exception as e:  # FlowReadException and friends: one line for the user
+            raise CaptureError(f"{directory}: cannot read the flow files: {e}") from None
+        return har_from_flows(flows)
+    paths = journal_files(directory)
+    if not paths:
+        raise CaptureError(f"{directory}: no {JOURNAL_NAME} in it (was the proxy run with --capture?)")
+    return har_from_journal(read_journal(paths))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write an owner-only (0600) file: exports hold the same (redacted) traffic as the capture."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)

@@ -1,0 +1,366 @@
+"""Prometheus metrics and a health check: ``ilink_metrics=HOST:PORT`` (``--metrics``).
+
+Served by prometheus-client's WSGI app (``/metrics``) next to ``/healthz``, with the standard
+library's wsgiref server in daemon threads, from a registry of our own (never the process-global
+one, so embedding the addon cannot collide with other exporters). Every family is prefixed
+``ilink_fixproxy_``:
+
+- ``requests_total{endpoint, decision}``: iLink API exchanges and what the proxy decided;
+- ``upstream_answers_total{endpoint, status, ret, errcode, errmsg_class}``: every upstream attempt;
+- ``repairs_total{outcome}``: sends the proxy changed (re-issued, token substituted or stripped),
+  by what the gateway finally got: ``delivered``, ``still_failing``, ``unconfirmed_empty_body``
+  (iLink's bare 200 with no body, which it also uses when it silently drops a message);
+- ``added_seconds{endpoint}`` and ``upstream_seconds{endpoint}`` histograms: the time the proxy
+  added to an exchange beyond waiting for upstream answers, and each upstream attempt's time;
+- ``state_rows{table}``: sizes of the peer-state file, read on scrape;
+- ``outbox_events_total{event}``: deferred deliveries (when that feature is on).
+
+Labels are bounded: unknown endpoints, codes and error messages are folded into ``other``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from mitmproxy import ctx, exceptions, http
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
+
+from .capture import Exchange, buffer_limit, buffer_small_api_flow, is_api_flow, summarize, tracker_of
+
+log = logging.getLogger("ilink_fixproxy")
+
+PREFIX = "ilink_fixproxy"
+ENDPOINTS = frozenset(
+    {
+        "getupdates",
+        "sendmessage",
+        "getconfig",
+        "sendtyping",
+        "getuploadurl",
+        "msg/notifystart",
+        "msg/notifystop",
+        "get_bot_qrcode",
+        "get_qrcode_status",
+    }
+)
+# errmsg texts iLink (or gateways' reports of it) use, as (substring, class); first match wins.
+_ERRMSG_CLASSES = (
+    ("prepare failed", "prepare_failed"),
+    ("unknown error", "unknown_error"),
+    ("session timeout", "session_timeout"),
+    ("expired", "expired"),
+    ("freq", "frequency_limit"),
+    ("too frequent", "frequency_limit"),
+    ("rate limit", "rate_limit"),
+)
+ADDED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
+_LOOP_TIMEOUT_S = 2.0
+
+
+# --------------------------------------------------------------------------- label values
+
+
+def endpoint_label(endpoint: str) -> str:
+    return endpoint if endpoint in ENDPOINTS else "other"
+
+
+def code_label(value: Any) -> str:
+    """A ret/errcode value as a bounded label: "none" when absent, the number, or "other"."""
+    if value is None:
+        return "none"
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,6}", value.strip()):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and -999_999 <= value <= 999_999:
+        return str(value)
+    return "other"
+
+
+def errmsg_class(errmsg: Any) -> str:
+    if errmsg is None:
+        return "none"
+    text = str(errmsg).strip().lower()
+    if not text:
+        return "empty"
+    for needle, cls in _ERRMSG_CLASSES:
+        if needle in text:
+            return cls
+    return "other"
+
+
+def _succeeded(attempt: dict[str, Any]) -> bool:
+    """iLink accepted it: HTTP 200 and no non-zero ret/errcode (an empty body included)."""
+    return attempt.get("status") == 200 and all(attempt.get(k) in (None, 0) for k in ("ret", "errcode"))
+
+
+def repair_outcome(x: Exchange) -> str | None:
+    """For a send the proxy changed (re-issued, substituted or stripped the token): what the
+    gateway finally got. None for exchanges the proxy did not change."""
+    if not x.token_sent or not any(a.get("token") in ("fresh", "none") for a in x.attempts):
+        return None
+    answered = [a for a in x.attempts if a.get("status") is not None]
+    if x.decision == "reissue-failed" or not answered:
+        return "still_failing"
+    final = answered[-1]
+    if not _succeeded(final):
+        return "still_failing"
+    return "unconfirmed_empty_body" if final.get("empty") else "delivered"
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9100`` for IPv6) with an explicit host; ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464; port 0 picks a free one)")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------- HTTP serving
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would drown the proxy's own lines."""
+
+
+def _server_class(host: str, port: int) -> type[WSGIServer]:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+
+
+class _StateCollector(Collector):
+    """Peer-state sizes, read when Prometheus scrapes (on the event loop: see Metrics.on_loop)."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self.read = read
+
+    def describe(self) -> Iterable[Any]:
+        return []  # unknown until the state is open; keeps register() from collecting early
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self.read()
+        except Exception:  # no state, or the loop is busy: leave the family out of this scrape
+            return
+        family = GaugeMetricFamily(
+            f"{PREFIX}_state_rows", "Rows in the peer-state file, by table", labels=["table"]
+        )
+        for table, n in sorted(counts.items()):
+            family.add_metric([table], n)
+        yield family
+
+
+# --------------------------------------------------------------------------- the addon
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "iLink API exchanges by endpoint and decision",
+            ["endpoint", "decision"],
+            registry=r,
+        )
+        self.answers = Counter(
+            f"{PREFIX}_upstream_answers",
+            "Upstream attempts by endpoint, HTTP status, ret, errcode and errmsg class",
+            ["endpoint", "status", "ret", "errcode", "errmsg_class"],
+            registry=r,
+        )
+        self.repairs = Counter(
+            f"{PREFIX}_repairs",
+            "Sends the proxy changed, by what the gateway finally got",
+            ["outcome"],
+            registry=r,
+        )
+        self.added = Histogram(
+            f"{PREFIX}_added_seconds",
+            "Time the proxy added to an exchange beyond waiting for upstream answers",
+            ["endpoint"],
+            buckets=ADDED_BUCKETS,
+            registry=r,
+        )
+        self.upstream = Histogram(
+            f"{PREFIX}_upstream_seconds",
+            "Time of each upstream attempt",
+            ["endpoint"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.outbox_events = Counter(
+            f"{PREFIX}_outbox_events", "Deferred-delivery events by kind", ["event"], registry=r
+        )
+        for outcome in ("delivered", "still_failing", "unconfirmed_empty_body"):
+            self.repairs.labels(outcome)  # present (at 0) from the first scrape
+        r.register(_StateCollector(self.state_counts))
+        self.app = make_wsgi_app(r)
+        self.server: WSGIServer | None = None
+        self.address: tuple[str, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._outbox: Any = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "ilink_metrics",
+            str,
+            "",
+            "Serve Prometheus metrics at http://HOST:PORT/metrics and a health check at /healthz "
+            "(e.g. 127.0.0.1:9464; port 0 picks a free one). Empty: off.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "ilink_metrics" not in updated:
+            return
+        spec = ctx.options.ilink_metrics
+        try:
+            wanted = parse_hostport(spec) if spec else None
+        except ValueError as e:
+            raise exceptions.OptionsError(f"ilink_metrics: {e}") from None
+        if wanted is not None and wanted == self.address:
+            return
+        self._stop()
+        if wanted is not None:
+            self._start(*wanted)
+
+    def running(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    def done(self) -> None:
+        self._stop()
+        self._loop = None
+
+    # ------------------------------------------------------------------ serving
+
+    def _start(self, host: str, port: int) -> None:
+        try:
+            server = make_server(
+                host, port, self._wsgi, _server_class(host, port), handler_class=_QuietHandler
+            )
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise exceptions.OptionsError(
+                f"ilink_metrics: cannot listen on {host}:{port}: {reason}"
+            ) from None
+        self.server = server
+        self.address = (host, port)
+        self._thread = threading.Thread(target=server.serve_forever, name="ilink-metrics", daemon=True)
+        self._thread.start()
+        shown = f"[{host}]" if ":" in host else host
+        log.info(f"ilink-fixproxy: metrics on http://{shown}:{server.server_port}/metrics (health: /healthz)")
+
+    def _stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.server, self.address, self._thread = None, None, None
+
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return self.app(environ, start_response)
+        if path == "/healthz":
+            status, text = self.health()
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [text.encode()]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: try /metrics or /healthz\n"]
+
+    def health(self) -> tuple[str, str]:
+        """200 once the proxy runs and its event loop answers within 2 s, else 503."""
+        if self._loop is None:
+            return "503 Service Unavailable", "starting\n"
+        try:
+            self.on_loop(lambda: None)
+        except Exception:
+            return "503 Service Unavailable", "event loop not responding\n"
+        return "200 OK", "ok\n"
+
+    def on_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the proxy's event loop and return its result (called from scrape threads:
+        the peer-state database and the tracker belong to the loop)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the proxy is not running")
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as e:
+                done.set_exception(e)
+
+        loop.call_soon_threadsafe(run)
+        return done.result(_LOOP_TIMEOUT_S)
+
+    def state_counts(self) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            tracker = tracker_of()
+            return tracker.store.counts() if tracker is not None else {}
+
+        return self.on_loop(read)
+
+    # ------------------------------------------------------------------ counting
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self.server is not None:
+            buffer_small_api_flow(flow, buffer_limit())
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
+
+    def _count(self, flow: http.HTTPFlow) -> None:
+        if self.server is None or flow in self._counted or not is_api_flow(flow):
+            return
+        self._counted.add(flow)
+        self._watch_outbox()
+        try:
+            self.observe(summarize(flow, time.time()))
+        except Exception as e:  # metrics must never disturb the traffic
+            log.warning(f"metrics: could not count an exchange: {type(e).__name__}: {e}")
+
+    def observe(self, x: Exchange) -> None:
+        endpoint = endpoint_label(x.endpoint)
+        self.requests.labels(endpoint, x.decision).inc()
+        for a in x.attempts:
+            status = str(a["status"]) if a.get("status") is not None else "error"
+            self.answers.labels(
+                endpoint,
+                status,
+                code_label(a.get("ret")),
+                code_label(a.get("errcode")),
+                errmsg_class(a.get("errmsg")),
+            ).inc()
+            if a.get("ms") is not None:
+                self.upstream.labels(endpoint).observe(a["ms"] / 1000)
+        self.added.labels(endpoint).observe(x.added_ms / 1000)
+        if (outcome := repair_outcome(x)) is not None:
+            self.repairs.labels(outcome).inc()
+
+    def _watch_outbox(self) -> None:
+        outbox = getattr(tracker_of(), "outbox", None)
+        listeners = getattr(outbox, "listeners", None)
+        if outbox is None or outbox is self._outbox or not isinstance(listeners, list):
+            return
+        listeners.append(lambda event: self.outbox_events.labels(str(event.get("event", "other"))).inc())
+        self._outbox = outbox
