@@ -30,8 +30,19 @@ def test_an_edited_rules_file_is_reloaded_and_a_broken_edit_keeps_the_last_good(
     fake: FakeILink, pki: TestPKI, tmp_path: Path
 ):
     rules = core_rules(tmp_path)
-    with start_proxy("--upstream", fake.url, "--upstream-ca", str(pki.ca_cert), "--confdir", str(tmp_path / "c"),
-                     "--rules", str(rules)) as p, httpx.Client(trust_env=False, timeout=30) as c:
+    with (
+        start_proxy(
+            "--upstream",
+            fake.url,
+            "--upstream-ca",
+            str(pki.ca_cert),
+            "--confdir",
+            str(tmp_path / "c"),
+            "--rules",
+            str(rules),
+        ) as p,
+        httpx.Client(trust_env=False, timeout=30) as c,
+    ):
         assert c.post(p.url + SEND, content=send_body(STALE), headers=HEADERS).headers["x-ilink-fixproxy"]
 
         rules.write_text(rules.read_text().replace("retries: 1", "retries: 0"))
@@ -52,8 +63,16 @@ def test_an_edited_rules_file_is_reloaded_and_a_broken_edit_keeps_the_last_good(
 
 def test_sigterm_lets_an_in_flight_repair_finish(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     fake.script(SEND, Answer(body=b'{"ret":-2}'), Answer(body=b"{}", delay=1.5))
-    p = start_proxy("--upstream", fake.url, "--upstream-ca", str(pki.ca_cert), "--confdir", str(tmp_path / "c"),
-                    "--rules", str(ROOT / "rules.yaml"))
+    p = start_proxy(
+        "--upstream",
+        fake.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(tmp_path / "c"),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+    )
     result: dict[str, httpx.Response] = {}
 
     def send() -> None:
@@ -71,8 +90,16 @@ def test_sigterm_lets_an_in_flight_repair_finish(fake: FakeILink, pki: TestPKI, 
     p.stop()
     assert "Traceback" not in p.output
     # the state file was closed cleanly: a new proxy opens it at once
-    with start_proxy("--upstream", fake.url, "--upstream-ca", str(pki.ca_cert), "--confdir",
-                     str(tmp_path / "c"), "--rules", str(ROOT / "rules.yaml")) as again:
+    with start_proxy(
+        "--upstream",
+        fake.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(tmp_path / "c"),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+    ) as again:
         assert "listening on" in again.output
 
 
@@ -83,12 +110,23 @@ def test_loopback_by_default_and_a_warning_when_exposed(tmp_path: Path):
     with ProxyProcess(ilink_fixproxy_argv("--listen", "0.0.0.0:0", "--confdir", str(tmp_path / "c2"))) as p:
         wait_for(lambda: "WARNING" in p.output)
         assert "reverse mode: anyone who reaches it" in p.output
-    with ProxyProcess(ilink_fixproxy_argv("--listen", "0.0.0.0:0", "--mode", "forward", "--confdir",
-                                          str(tmp_path / "c3"))) as p:
+    with ProxyProcess(
+        ilink_fixproxy_argv("--listen", "0.0.0.0:0", "--mode", "forward", "--confdir", str(tmp_path / "c3"))
+    ) as p:
         wait_for(lambda: "WARNING" in p.output)
         assert "add --proxy-auth USER:PASS" in p.output
-    with ProxyProcess(ilink_fixproxy_argv("--listen", "0.0.0.0:0", "--mode", "forward", "--proxy-auth", "u:secret",
-                                          "--confdir", str(tmp_path / "c4"))) as p:
+    with ProxyProcess(
+        ilink_fixproxy_argv(
+            "--listen",
+            "0.0.0.0:0",
+            "--mode",
+            "forward",
+            "--proxy-auth",
+            "u:secret",
+            "--confdir",
+            str(tmp_path / "c4"),
+        )
+    ) as p:
         time.sleep(0.5)
         assert "WARNING" not in p.output
 
@@ -103,16 +141,29 @@ def test_proxy_auth_is_required_in_forward_mode(fake: FakeILink, pki: TestPKI, t
 
 
 def test_proxy_auth_is_refused_in_reverse_mode(tmp_path: Path):
-    p = subprocess.run(ilink_fixproxy_argv("--proxy-auth", "u:p", "--confdir", str(tmp_path / "c")),
-                       capture_output=True, text=True, timeout=60, env=clean_env())
+    p = subprocess.run(
+        ilink_fixproxy_argv("--proxy-auth", "u:p", "--confdir", str(tmp_path / "c")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
     assert p.returncode == 2
     assert "--proxy-auth only applies to --mode forward" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_state_and_ca_files_are_owner_only(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     conf = tmp_path / "conf"
-    with start_proxy("--upstream", fake.url, "--upstream-ca", str(pki.ca_cert), "--confdir", str(conf),
-                     "--rules", str(ROOT / "rules.yaml")):
+    with start_proxy(
+        "--upstream",
+        fake.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(conf),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+    ):
         pass
     for name in ("ilink-fixproxy-state.sqlite3", "mitmproxy-ca.pem"):
         mode = (conf / name).stat().st_mode & 0o777

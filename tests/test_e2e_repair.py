@@ -106,9 +106,9 @@ def test_reissue_keeps_every_byte_but_the_token(proxy, fake: FakeILink, client):
     first, second = fake.sends()
     assert first.body == body
     assert second.body == expected
-    # Everything but the length-bearing headers is sent again as it was.
-    h1 = {k.lower(): v for k, v in first.headers if k.lower() not in ("content-length",)}
-    h2 = {k.lower(): v for k, v in second.headers if k.lower() not in ("content-length",)}
+    # Every end-to-end header is sent again as it was (length and connection are per message/hop).
+    h1 = {k.lower(): v for k, v in first.headers if k.lower() not in ("content-length", "connection")}
+    h2 = {k.lower(): v for k, v in second.headers if k.lower() not in ("content-length", "connection")}
     assert h1 == h2
     assert h2["authorization"] == f"Bearer {BOT_TOKEN}"
     assert h2["host"] == h1["host"]

@@ -66,9 +66,17 @@ def test_rate_limit_window_and_cooldown(store: StateStore):
 
 def test_message_attempts_accumulate_and_acceptance_sticks(store: StateStore):
     store.record_attempts("b", "c1", 1, False, 200, [], b'{"ret":-2}', now=10.0, since=0.0)
-    store.record_attempts("b", "c1", 1, True, 200, [("Content-Type", "application/json")], b"{}", now=11.0, since=1.0)
+    store.record_attempts(
+        "b", "c1", 1, True, 200, [("Content-Type", "application/json")], b"{}", now=11.0, since=1.0
+    )
     m = store.message("b", "c1", since=0.0)
-    assert m and m.attempts == 2 and m.accepted and m.body == b"{}" and m.headers == [("Content-Type", "application/json")]
+    assert (
+        m
+        and m.attempts == 2
+        and m.accepted
+        and m.body == b"{}"
+        and m.headers == [("Content-Type", "application/json")]
+    )
     store.record_attempts("b", "c1", 1, False, 200, [], b'{"ret":-2}', now=12.0, since=2.0)
     m = store.message("b", "c1", since=0.0)
     assert m and m.accepted and m.body == b"{}"  # a later failure never hides the accepted answer

@@ -273,7 +273,9 @@ class OracleReissuer:
         self.client_id: Any = None
         self.client_id_path: tuple[str, ...] = ("msg", "client_id")
 
-    async def send(self, request: http.Request, body: bytes, via: Any, timeout: float) -> http.Response:
+    async def send(
+        self, request: http.Request, body: bytes, via: Any, timeout: float, max_bytes: int | None = None
+    ) -> http.Response:
         oracle = self.oracle
         doc = parse_json_object(body)
         same_message = doc is not None and get_path(doc, self.client_id_path)[1] == self.client_id

@@ -40,6 +40,8 @@ FRESH_CACHE_SIZE = 100_000
 # The first attempt is not bounded by the rule's deadline (that is for re-issues: a slow but
 # successful answer must still reach the caller), only by this, so nothing hangs forever.
 FIRST_ATTEMPT_TIMEOUT_S = 60.0
+# Nor by the buffer limit: it stands in for mitmproxy's forwarding, which has no such cap.
+FIRST_ATTEMPT_MAX_BYTES = 64 * 1024 * 1024
 _STORED_HEADER_SKIP = frozenset(
     {"content-length", "content-encoding", "transfer-encoding", "date", HEADER.lower()}
 )
@@ -266,7 +268,7 @@ class PeerTracker:
         first, decision = self._first_token(send, ps)
         original = send.request.raw_content or b""
         try:
-            await self._attempt(send, first, original, FIRST_ATTEMPT_TIMEOUT_S)
+            await self._attempt(send, first, original, FIRST_ATTEMPT_TIMEOUT_S, FIRST_ATTEMPT_MAX_BYTES)
         except ReissueError as e:
             if not e.sent:
                 log.warning(f"sendmessage: cannot reach upstream ({e}); mitmproxy forwards it instead")
@@ -367,7 +369,9 @@ class PeerTracker:
             return fresh
         return None if None not in tried else False
 
-    async def _attempt(self, send: _Send, token: str | None, original: bytes, timeout: float) -> None:
+    async def _attempt(
+        self, send: _Send, token: str | None, original: bytes, timeout: float, max_bytes: int | None = None
+    ) -> None:
         path = send.rule.action.remove
         if token == send.token:
             body = original
@@ -378,7 +382,7 @@ class PeerTracker:
         kind = _describe_token(token, send.token)
         started = time.monotonic()
         try:
-            response = await self.reissuer.send(send.request, body, send.via, timeout)
+            response = await self.reissuer.send(send.request, body, send.via, timeout, max_bytes)
         except ReissueError as e:
             send.trace.append(attempt_record(None, None, (time.monotonic() - started) * 1000, kind, str(e)))
             raise

@@ -35,6 +35,9 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+_HTTPX_DEFAULTS = ("accept", "accept-encoding", "user-agent")
+
+
 class ReissueError(Exception):
     """The re-issue produced no usable answer; the caller keeps the original one.
 
@@ -116,8 +119,14 @@ class Reissuer:
         body: bytes,
         via: tuple[str, tuple[str, int]] | None,
         timeout: float,
+        max_bytes: int | None = None,
     ) -> http.Response:
-        """Send `request` with `body` instead of its own; ReissueError on any failure."""
+        """Send `request` with `body` instead of its own; ReissueError on any failure.
+
+        `max_bytes` caps the answer (default: the buffer limit); a first attempt that stands in for
+        mitmproxy's own forwarding passes a larger cap, since mitmproxy would not refuse it.
+        """
+        limit = max_bytes or self.max_answer_bytes
         if timeout <= 0:
             raise ReissueError("no time left before the deadline", sent=False)
         headers = [
@@ -129,13 +138,20 @@ class Reissuer:
         try:
             async with asyncio.timeout(timeout):
                 req = client.build_request(request.method, request.url, headers=headers, content=body)
+                # httpx adds its own defaults (Accept, Accept-Encoding, User-Agent); send exactly
+                # the gateway's headers instead.
+                for name in _HTTPX_DEFAULTS:
+                    if name in req.headers and name not in request.headers:
+                        del req.headers[name]
+                if "connection" in req.headers:  # httpx's; keep-alive is HTTP/1.1's default anyway
+                    del req.headers["connection"]
                 answer = await client.send(req, stream=True)
                 try:
                     raw = bytearray()
                     async for chunk in answer.aiter_raw():
                         raw += chunk
-                        if len(raw) > self.max_answer_bytes:
-                            raise ReissueError(f"answer larger than {self.max_answer_bytes} bytes")
+                        if len(raw) > limit:
+                            raise ReissueError(f"answer larger than {limit} bytes")
                 finally:
                     await answer.aclose()
         except TimeoutError:

@@ -33,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,11 @@ _HANDSHAKE_TIMEOUT = 10.0  # a client that never finishes TLS must not pin a thr
 _IDLE_TIMEOUT = 120.0  # idle keep-alive connections are dropped after this
 _MAX_BODY = 64 * 1024 * 1024
 _TRUNCATE_MISSING = 64  # how many promised body bytes a "truncate" fault never sends
+# A "reset-mid-body" fault pauses this long after the first half of the body before the RST, so
+# the client has certainly read the status line and headers: the failure is mid-body, not before.
+_MID_BODY_PAUSE = 0.05
+FAULTS = (None, "reset", "truncate", "reset-mid-body", "close", "close-delimited")
+ENCODINGS = (None, "gzip", "deflate", "deflate-raw", "br")
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
 
@@ -201,8 +207,17 @@ class Answer:
 
     ``fault="reset"`` closes the connection with an RST and no response; ``fault="truncate"``
     promises more body bytes (Content-Length, or a missing last chunk when ``chunked``) than it
-    sends before closing. Content-Length/Transfer-Encoding in ``headers`` are ignored: framing
-    is always derived from ``gzip``/``chunked``/``fault``.
+    sends before closing. ``fault="reset-mid-body"`` sends the status line, the headers and the
+    first half of the (encoded, framed) body, then an RST; ``fault="close"`` closes the
+    connection cleanly (TLS close_notify and FIN) without any response;
+    ``fault="close-delimited"`` is no fault but rare framing: no Content-Length (unless
+    ``chunked``), the body ends where the server closes the connection. Content-Length/
+    Transfer-Encoding in ``headers`` are ignored: framing is always derived from
+    ``gzip``/``encoding``/``chunked``/``fault``.
+
+    ``encoding`` compresses the body and sets ``Content-Encoding``: ``"gzip"`` (the same as
+    ``gzip=True``), ``"deflate"`` (zlib-wrapped, RFC 9110), ``"deflate-raw"`` (sent as
+    ``deflate`` without the zlib wrapper, as some servers do) or ``"br"``.
     """
 
     status: int = 200
@@ -212,10 +227,37 @@ class Answer:
     fault: str | None = None
     gzip: bool = False
     chunked: bool = False
+    encoding: str | None = None
 
     def __post_init__(self) -> None:
-        if self.fault not in (None, "reset", "truncate"):
-            raise ValueError(f"unknown fault {self.fault!r} (None, 'reset' or 'truncate')")
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r} (one of {', '.join(map(repr, FAULTS))})")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {self.encoding!r} (one of {', '.join(map(repr, ENCODINGS))})")
+        if self.gzip and self.encoding not in (None, "gzip"):
+            raise ValueError(f"gzip=True contradicts encoding={self.encoding!r}")
+
+    @property
+    def content_coding(self) -> str | None:
+        """The Content-Encoding value this answer is sent with (None: identity)."""
+        if self.gzip or self.encoding == "gzip":
+            return "gzip"
+        return "deflate" if self.encoding == "deflate-raw" else self.encoding
+
+    def encoded_body(self) -> bytes:
+        """The body as it goes on the wire (before chunking): compressed per ``encoding``."""
+        if self.gzip or self.encoding == "gzip":
+            return gzip_module.compress(self.body, mtime=0)
+        if self.encoding == "deflate":
+            return zlib.compress(self.body)
+        if self.encoding == "deflate-raw":
+            raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+            return raw.compress(self.body) + raw.flush()
+        if self.encoding == "br":
+            import brotli  # mitmproxy depends on it; imported late as only br answers need it
+
+            return bytes(brotli.compress(self.body))
+        return self.body
 
 
 @dataclass(frozen=True)
@@ -453,15 +495,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.server.mark_reset(self.connection)
             return
-        body = gzip_module.compress(answer.body, mtime=0) if answer.gzip else answer.body
+        if answer.fault == "close":
+            self.close_connection = True  # finish_request then closes gracefully: no response at all
+            return
+        coding = answer.content_coding
+        body = answer.encoded_body()
         headers = tuple(
             (k, v)
             for k, v in answer.headers
-            if k.lower() not in _FRAMING_HEADERS and not (answer.gzip and k.lower() == "content-encoding")
+            if k.lower() not in _FRAMING_HEADERS and not (coding and k.lower() == "content-encoding")
         )
-        if answer.gzip:
-            headers += (("Content-Encoding", "gzip"),)
-        self._write(answer.status, body, headers, chunked=answer.chunked, truncate=answer.fault == "truncate")
+        if coding:
+            headers += (("Content-Encoding", coding),)
+        self._write(
+            answer.status,
+            body,
+            headers,
+            chunked=answer.chunked,
+            truncate=answer.fault == "truncate",
+            cut=answer.fault == "reset-mid-body",
+            close_delimited=answer.fault == "close-delimited",
+        )
 
     def _write(
         self,
@@ -471,16 +525,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         *,
         chunked: bool = False,
         truncate: bool = False,
+        cut: bool = False,
+        close_delimited: bool = False,
     ) -> None:
         head = self.command == "HEAD"
-        if truncate:
+        if truncate or cut or close_delimited:
             self.close_connection = True
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
-        else:
+        elif not close_delimited:
             self.send_header("Content-Length", str(len(body) + (_TRUNCATE_MISSING if truncate else 0)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -488,7 +544,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if head:
             return
         if not chunked:
-            self.wfile.write(body)
+            self._write_body(body, cut)
             return
         step = max(1, -(-len(body) // 3))  # a few chunks, so the client really de-chunks
         out = bytearray()
@@ -497,7 +553,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             out += b"%x\r\n%s\r\n" % (len(piece), piece)
         if not truncate:
             out += b"0\r\n\r\n"
-        self.wfile.write(bytes(out))
+        self._write_body(bytes(out), cut)
+
+    def _write_body(self, data: bytes, cut: bool) -> None:
+        """Write the framed body; ``cut``: only its first half, then reset the connection."""
+        if not cut:
+            self.wfile.write(data)
+            return
+        self.wfile.write(data[: len(data) // 2])
+        self.server.fake._stopping.wait(_MID_BODY_PAUSE)
+        self.server.mark_reset(self.connection)
 
 
 # --------------------------------------------------------------------------------------------
