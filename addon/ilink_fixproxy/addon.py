@@ -14,6 +14,7 @@ import logging
 import os
 import ssl
 import time
+import weakref
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -56,6 +57,9 @@ class IlinkFixProxy:
         self._running = False
         self._housekeeping: asyncio.Future[None] | None = None
         self._in_flight = 0
+        self._selections: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[RuleSet, list[Rule], bool]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._managed_stream_limit: str | None = None
         self._rules_mtime: int | None = None
 
@@ -343,12 +347,24 @@ class IlinkFixProxy:
 
     # ------------------------------------------------------------------ helpers
 
+    def _selection(self, flow: http.HTTPFlow) -> tuple[list[Rule], bool]:
+        """The rules whose filter selects the flow, and whether it is a getupdates poll; worked out
+        once per flow (filters read the request line and headers) and per rules version, since
+        several hooks ask. Kept off flow.metadata, which ends up in flow files."""
+        cached = self._selections.get(flow)
+        if cached is not None and cached[0] is self.ruleset:
+            return cached[1], cached[2]
+        updates = self.ruleset.updates
+        picked = [r for r in self.ruleset.rules if r.match.filter(flow)]
+        is_update = updates is not None and bool(updates.filter(flow))
+        self._selections[flow] = (self.ruleset, picked, is_update)
+        return picked, is_update
+
     def _candidates(self, flow: http.HTTPFlow) -> list[Rule]:
-        return [r for r in self.ruleset.rules if r.match.filter(flow)]
+        return self._selection(flow)[0]
 
     def _is_update(self, flow: http.HTTPFlow) -> bool:
-        updates = self.ruleset.updates
-        return updates is not None and bool(updates.filter(flow))
+        return self._selection(flow)[1]
 
     def _peer_state_rule(self, flow: http.HTTPFlow) -> tuple[Rule, dict[str, Any]] | None:
         rules = [r for r in self._candidates(flow) if r.peer_state]

@@ -244,7 +244,7 @@ class PeerTracker:
 
         send = _Send(
             rule=rule,
-            request=flow.request.copy(),
+            request=flow.request,  # not copied: nothing changes it once this hook answers
             via=flow.server_conn.via,
             bot=bot,
             peer=peer,
@@ -458,7 +458,8 @@ class PeerTracker:
                 f"{decision}; rule={send.rule.name}; attempts={len(send.attempts)}; tokens={tokens}; "
                 f"first={summary_first}; now={summary_final}"
             )
-        log.info(
+        # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy did.
+        (log.debug if decision == "passed" else log.info)(
             f"{decision}: sendmessage to peer {token_hash(send.peer)} client_id {send.client_id or '-'} "
             f"with context_token {token_hash(send.token)}: {len(send.attempts)} attempt(s) [{tokens}]: "
             f"{summary_final}"

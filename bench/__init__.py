@@ -1,0 +1,1 @@
+"""Benchmarks for ilink-fixproxy: ``python -m bench [--quick]`` (see run.py, docs/performance.md)."""
