@@ -114,6 +114,27 @@ def proxy(
         yield p
 
 
+@pytest.fixture(scope="module")
+def peer_proxy(
+    fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """ilink-fixproxy with the shipped rules, peer state included (state file in its confdir)."""
+    conf = tmp_path_factory.mktemp("peers")
+    with start_proxy(
+        "--upstream",
+        fake_server.url,
+        "--upstream-ca",
+        str(pki.ca_cert),
+        "--confdir",
+        str(conf),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+    ) as p:
+        assert "peer state in" in p.output  # the shipped rules really run with peer state
+        p.confdir = conf  # type: ignore[attr-defined]
+        yield p
+
+
 @pytest.fixture
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(trust_env=False, timeout=30) as c:

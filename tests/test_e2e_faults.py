@@ -642,25 +642,6 @@ def test_the_reissue_sends_no_header_the_client_did_not_send(proxy, fake: FakeIL
 # cooldowns per bot) cannot couple tests.
 
 
-@pytest.fixture(scope="module")
-def peer_proxy(
-    fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    conf = tmp_path_factory.mktemp("faults-peer")
-    with start_proxy(
-        "--upstream",
-        fake_server.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
-        "--rules",
-        str(ROOT / "rules.yaml"),
-    ) as p:
-        assert "peer state in" in p.output  # the shipped rules really run with peer state
-        yield p
-
-
 @pytest.mark.parametrize(
     "answer",
     [Answer(fault="reset"), Answer(fault="close"), Answer(body=ORIGINAL, fault="truncate")],

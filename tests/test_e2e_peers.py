@@ -19,25 +19,6 @@ from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 STALE_ANSWER = b'{"ret":-2,"errmsg":"prepare failed"}'
 
 
-@pytest.fixture(scope="module")
-def peer_proxy(
-    fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    conf = tmp_path_factory.mktemp("peers")
-    with start_proxy(
-        "--upstream",
-        fake_server.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
-        "--rules",
-        str(ROOT / "rules.yaml"),
-    ) as p:
-        p.confdir = conf  # type: ignore[attr-defined]
-        yield p
-
-
 @pytest.fixture
 def gw(peer_proxy: ProxyProcess) -> Iterator[Gateway]:
     g = Gateway(peer_proxy)
