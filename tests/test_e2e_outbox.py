@@ -247,3 +247,34 @@ def test_bad_defer_settings_are_rejected_by_check(tmp_path: Path, key: str, valu
     )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert str(rules) in p.stderr and key in p.stderr
+
+
+def test_outbox_metrics_show_depth_age_and_late_deliveries(fake, pki, tmp_path: Path):
+    import re
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(url: str) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(url, timeout=10, trust_env=False).text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    with proxy_with(fake, pki, tmp_path, "--metrics", "127.0.0.1:0") as p:
+        url = re.search(r"metrics on (http://\S+/metrics)", p.output).group(1)
+        gw = Gateway(p)
+        close_window(gw, fake)
+        time.sleep(1.1)
+        m = scrape(url)
+        assert m[("ilink_fixproxy_outbox_depth", ())] == 1
+        assert m[("ilink_fixproxy_outbox_oldest_age_seconds", ())] >= 1.0
+        fake.push_inbound(gw.peer)
+        gw.poll()
+        wait_for(lambda: len(fake.deliveries) == 1)
+        wait_for(lambda: scrape(url)[("ilink_fixproxy_outbox_total", (("outcome", "delivered_late"),))] == 1)
+        m = scrape(url)
+        assert m[("ilink_fixproxy_outbox_depth", ())] == 0
+        assert m[("ilink_fixproxy_outbox_total", (("outcome", "deferred"),))] == 1

@@ -12,7 +12,8 @@ one, so embedding the addon cannot collide with other exporters). Every family i
   (iLink's bare 200 with no body, which it also uses when it silently drops a message);
 - ``added_seconds{endpoint}`` and ``upstream_seconds{endpoint}`` histograms: the time the proxy
   added to an exchange beyond waiting for upstream answers, and each upstream attempt's time;
-- ``state_rows{table}``: sizes of the peer-state file, read on scrape;
+- ``state_rows{table}``, ``outbox_depth``, ``outbox_oldest_age_seconds``, ``outbox_total{outcome}``:
+  the peer-state file and its deferred-delivery queue, read on scrape;
 - ``outbox_events_total{event}``: deferred deliveries (when that feature is on).
 
 Labels are bounded: unknown endpoints, codes and error messages are folded into ``other``.
@@ -145,7 +146,7 @@ def _server_class(host: str, port: int) -> type[WSGIServer]:
 class _StateCollector(Collector):
     """Peer-state sizes, read when Prometheus scrapes (on the event loop: see Metrics.on_loop)."""
 
-    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
         self.read = read
 
     def describe(self) -> Iterable[Any]:
@@ -159,9 +160,27 @@ class _StateCollector(Collector):
         family = GaugeMetricFamily(
             f"{PREFIX}_state_rows", "Rows in the peer-state file, by table", labels=["table"]
         )
-        for table, n in sorted(counts.items()):
+        for table, n in sorted(counts.get("rows", {}).items()):
             family.add_metric([table], n)
         yield family
+        outbox = counts.get("outbox")
+        if outbox:
+            depth = GaugeMetricFamily(f"{PREFIX}_outbox_depth", "Deferred sends waiting in the outbox")
+            depth.add_metric([], outbox["depth"])
+            yield depth
+            age = GaugeMetricFamily(
+                f"{PREFIX}_outbox_oldest_age_seconds", "Age of the oldest deferred send (0 when empty)"
+            )
+            age.add_metric([], outbox["oldest_age_s"])
+            yield age
+            totals = GaugeMetricFamily(
+                f"{PREFIX}_outbox_total",
+                "Deferred sends so far, by outcome (kept in the state file across restarts)",
+                labels=["outcome"],
+            )
+            for outcome in ("deferred", "delivered_late", "expired", "dropped"):
+                totals.add_metric([outcome], outbox[outcome])
+            yield totals
 
 
 # --------------------------------------------------------------------------- the addon
@@ -310,10 +329,12 @@ class Metrics:
         loop.call_soon_threadsafe(run)
         return done.result(_LOOP_TIMEOUT_S)
 
-    def state_counts(self) -> dict[str, int]:
-        def read() -> dict[str, int]:
+    def state_counts(self) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
             tracker = tracker_of()
-            return tracker.store.counts() if tracker is not None else {}
+            if tracker is None:
+                return {}
+            return {"rows": tracker.store.counts(), "outbox": tracker.store.outbox_stats(time.time())}
 
         return self.on_loop(read)
 
