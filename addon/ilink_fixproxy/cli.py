@@ -636,22 +636,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args.path)
         if args.command == "ca":
             return cmd_ca(args.ca_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None))
+        # `--confdir` may come before the subcommand (global) or after it (the subcommand's own).
+        confdir = getattr(args, "state_confdir", None) or (
+            args.confdir if args.confdir != DEFAULT_CONFDIR else None
+        )
         if args.command == "state":
-            return cmd_state(
-                args.action,
-                args.peer,
-                args.state_path,
-                args.state_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None),
-                args.show_ids,
-            )
+            return cmd_state(args.action, args.peer, args.state_path, confdir, args.show_ids)
         if args.command == "outbox":
-            return cmd_outbox(
-                args.action,
-                args.target,
-                args.state_path,
-                args.state_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None),
-                args.show_ids,
-            )
+            return cmd_outbox(args.action, args.target, args.state_path, confdir, args.show_ids)
         if args.command == "demo":
             from .demo import run_demo
 

@@ -106,10 +106,11 @@ def _members(text: str, open_idx: int) -> list[_Member]:
         idx = _skip_ws(text, _expect(text, idx, ","))
 
 
-def _leaf_members(text: str, path: Path) -> list[_Member] | None:
-    """Members of the object holding ``path[-1]``; ``None`` if the path does not reach it."""
+def _object_at(text: str, keys: Path) -> int | None:
+    """Index of the ``{`` of the object reached through ``keys`` (last occurrence of each key,
+    as json.loads sees it); ``None`` if a key is missing or does not hold an object."""
     open_idx = _skip_ws(text, 0)
-    for key in path[:-1]:
+    for key in keys:
         last = None
         for member in _members(text, open_idx):
             if member.key == key:
@@ -117,7 +118,13 @@ def _leaf_members(text: str, path: Path) -> list[_Member] | None:
         if last is None or text[last.value_start] != "{":
             return None
         open_idx = last.value_start
-    return _members(text, open_idx)
+    return open_idx
+
+
+def _leaf_members(text: str, path: Path) -> list[_Member] | None:
+    """Members of the object holding ``path[-1]``; ``None`` if the path does not reach it."""
+    open_idx = _object_at(text, path[:-1])
+    return None if open_idx is None else _members(text, open_idx)
 
 
 def _prepare(body: bytes, path: Path) -> tuple[str, list[_Member]] | None:
@@ -228,15 +235,9 @@ def set_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
     if not isinstance(doc, dict) or not present or not isinstance(parent, dict):
         return None
     try:
-        open_idx = _skip_ws(text, 0)
-        for key in path[:-1]:
-            last = None
-            for member in _members(text, open_idx):
-                if member.key == key:
-                    last = member
-            if last is None:
-                return None
-            open_idx = last.value_start
+        open_idx = _object_at(text, path[:-1])
+        if open_idx is None:
+            return None
         has_members = bool(_members(text, open_idx))
     except (_Malformed, ValueError, RecursionError):
         return None
