@@ -61,6 +61,11 @@ def fake(fake_server: FakeILink) -> FakeILink:
     return fake_server
 
 
+def upstream_args(fake: FakeILink, pki: TestPKI, confdir: str | Path) -> list[str]:
+    """The flags that put a proxy in front of the fake iLink, trusting its CA, with its own confdir."""
+    return ["--upstream", fake.url, "--upstream-ca", str(pki.ca_cert), "--confdir", str(confdir)]
+
+
 def start_proxy(*args: str, cwd: Path | None = None) -> ProxyProcess:
     return ProxyProcess(ilink_fixproxy_argv("--listen", "127.0.0.1:0", *args), cwd=str(cwd) if cwd else None)
 
@@ -81,12 +86,14 @@ def start_mitmdump(*args: str) -> ProxyProcess:
     return ProxyProcess(argv, ready=READY_MITMDUMP)
 
 
-def core_rules(directory: Path) -> Path:
+def core_rules(directory: Path, *, deadline: float | None = None) -> Path:
     """The shipped rules without their peer_state section: the plain re-issue, no memory between
-    requests, so tests sharing one proxy cannot influence each other."""
+    requests, so tests sharing one proxy cannot influence each other; optionally another deadline."""
     doc = yaml.safe_load((ROOT / "rules.yaml").read_text())
     for rule in doc["rules"]:
         rule.pop("peer_state", None)
+        if deadline is not None:
+            rule["action"]["deadline_s"] = deadline
     doc.pop("updates", None)
     path = directory / "core-rules.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -102,12 +109,7 @@ def proxy(
     conf = tmp_path_factory.mktemp("conf")
     rules = core_rules(conf)
     with start_proxy(
-        "--upstream",
-        fake_server.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake_server, pki, conf),
         "--rules",
         str(rules),
     ) as p:
@@ -121,12 +123,7 @@ def peer_proxy(
     """ilink-fixproxy with the shipped rules, peer state included (state file in its confdir)."""
     conf = tmp_path_factory.mktemp("peers")
     with start_proxy(
-        "--upstream",
-        fake_server.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake_server, pki, conf),
         "--rules",
         str(ROOT / "rules.yaml"),
     ) as p:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, core_rules, start_proxy
+from conftest import ROOT, core_rules, start_proxy, upstream_args
 from ilink_fixproxy.capture import Capture, RotatingFile, buffer_small_api_flow, rotated_files, summarize
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.redact import (
@@ -180,12 +180,7 @@ def captured(
     base = tmp_path_factory.mktemp("capture")
     cap = base / "cap"  # does not exist yet: the proxy creates it
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(base / "conf"),
+        *upstream_args(fake, pki, base / "conf"),
         "--rules",
         str(ROOT / "rules.yaml"),
         "--state",
@@ -331,12 +326,7 @@ def test_capture_bodies_and_ids_keep_text_and_ids_but_never_secrets(
 ):
     cap = tmp_path / "cap"
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "conf"),
+        *upstream_args(fake, pki, tmp_path / "conf"),
         "--rules",
         str(core_rules(tmp_path)),
         "--capture",
@@ -372,12 +362,7 @@ def test_ui_shows_repaired_and_locally_answered_flows_marked_with_a_comment(
 ):
     web_port = free_port()
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "conf"),
+        *upstream_args(fake, pki, tmp_path / "conf"),
         "--rules",
         str(ROOT / "rules.yaml"),
         "--state",

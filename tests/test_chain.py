@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import HEADERS, SEND, send_body, start_proxy
+from conftest import HEADERS, SEND, send_body, start_proxy, upstream_args
 from ilink_fixproxy.addon import IlinkFixProxy
 from ilink_fixproxy.chain import full_chain, proxy_addons
 from ilink_fixproxy.sandbox import FakeILink, TestPKI
@@ -172,12 +172,7 @@ def test_the_command_honours_save_stream_file_flow_detail_and_proxyauth(
 ):
     flows = tmp_path / "flows.mitm"
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "conf"),
+        *upstream_args(fake, pki, tmp_path / "conf"),
         "--rules",
         str(ROOT / "rules.yaml"),
         "--set",

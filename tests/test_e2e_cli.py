@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, start_proxy
+from conftest import ROOT, start_proxy, upstream_args
 from ilink_fixproxy.launcher import clean_env, ilink_fixproxy_argv
 
 
@@ -38,12 +38,7 @@ def assert_one_line_error(p: subprocess.CompletedProcess[str], code: int, *fragm
 
 def test_start_line_tells_the_operator_what_to_configure(fake, pki, tmp_path: Path):
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "c"),
+        *upstream_args(fake, pki, tmp_path / "c"),
         "--rules",
         str(ROOT / "rules.yaml"),
     ) as p:
@@ -60,12 +55,7 @@ def test_start_line_tells_the_operator_what_to_configure(fake, pki, tmp_path: Pa
 def test_rules_yaml_in_the_working_directory_is_used(fake, pki, tmp_path: Path):
     (tmp_path / "rules.yaml").write_text((ROOT / "rules.yaml").read_text())
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "c"),
+        *upstream_args(fake, pki, tmp_path / "c"),
         cwd=tmp_path,
     ) as p:
         assert "rules: rules.yaml (1 rule)" in p.output

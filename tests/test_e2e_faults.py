@@ -22,8 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from conftest import HEADERS, ROOT, SEND, send_body, start_proxy
+from conftest import HEADERS, ROOT, SEND, core_rules, send_body, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI, make_pki
 
@@ -36,20 +35,6 @@ BAD_OUTPUT = ("Traceback", "Addon error", "Task exception was never retrieved", 
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def plain_rules(directory: Path, *, deadline: float | None = None) -> Path:
-    """The shipped rules without peer state (the plain re-issue under test here), optionally
-    with another deadline. Derived from rules.yaml so the matrix follows the shipped file."""
-    doc = yaml.safe_load((ROOT / "rules.yaml").read_text())
-    doc.pop("updates", None)
-    for rule in doc["rules"]:
-        rule.pop("peer_state", None)
-        if deadline is not None:
-            rule["action"]["deadline_s"] = deadline
-    path = directory / "plain-rules.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
 
 
 def post(client: httpx.Client, proxy: ProxyProcess, body: bytes | None = None, **kw) -> httpx.Response:
@@ -167,14 +152,9 @@ def proxy(
     other modules' proxies, nor theirs into ours."""
     conf = tmp_path_factory.mktemp("faults")
     with start_proxy(
-        "--upstream",
-        fake_server.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake_server, pki, conf),
         "--rules",
-        str(plain_rules(conf)),
+        str(core_rules(conf)),
     ) as p:
         yield p
 
@@ -186,14 +166,9 @@ def short_proxy(
     """The same with a 1.5 s deadline, for faults that are about time."""
     conf = tmp_path_factory.mktemp("faults-short")
     with start_proxy(
-        "--upstream",
-        fake_server.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake_server, pki, conf),
         "--rules",
-        str(plain_rules(conf, deadline=1.5)),
+        str(core_rules(conf, deadline=1.5)),
     ) as p:
         yield p
 
@@ -575,7 +550,7 @@ def test_upstream_tls_failure_gives_502_and_the_proxy_stays_up(fake: FakeILink, 
             "--confdir",
             str(tmp_path / "c"),
             "--rules",
-            str(plain_rules(tmp_path)),
+            str(core_rules(tmp_path)),
         ) as p,
         httpx.Client(trust_env=False, timeout=30) as c,
     ):
@@ -599,7 +574,7 @@ def test_dead_upstream_gives_502_and_the_proxy_stays_up(tmp_path: Path):
             "--confdir",
             str(tmp_path / "c"),
             "--rules",
-            str(plain_rules(tmp_path)),
+            str(core_rules(tmp_path)),
         ) as p,
         httpx.Client(trust_env=False, timeout=30) as c,
     ):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import HEADERS, ROOT, SEND, send_body, start_mitmdump, start_proxy, tls_context
+from conftest import HEADERS, ROOT, SEND, send_body, start_mitmdump, start_proxy, tls_context, upstream_args
 from ilink_fixproxy.launcher import READY_MITMDUMP, ProxyProcess, clean_env
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 
@@ -141,12 +141,7 @@ def test_deadline_hands_back_the_original_when_the_reissue_is_too_slow(
     fake.script(SEND, Answer(body=b'{"ret":-2,"errmsg":"prepare failed"}'), Answer(body=b"{}", delay=4))
     with (
         start_proxy(
-            "--upstream",
-            fake.url,
-            "--upstream-ca",
-            str(pki.ca_cert),
-            "--confdir",
-            str(tmp_path / "conf"),
+            *upstream_args(fake, pki, tmp_path / "conf"),
             "--rules",
             str(rules),
         ) as p,
@@ -168,12 +163,7 @@ def test_no_reissue_when_the_first_answer_already_used_the_deadline(
     fake.script(SEND, Answer(body=b'{"ret":-2}', delay=1.3))
     with (
         start_proxy(
-            "--upstream",
-            fake.url,
-            "--upstream-ca",
-            str(pki.ca_cert),
-            "--confdir",
-            str(tmp_path / "conf"),
+            *upstream_args(fake, pki, tmp_path / "conf"),
             "--rules",
             str(rules),
         ) as p,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import HEADERS, ROOT, SEND, core_rules, send_body, start_proxy
+from conftest import HEADERS, ROOT, SEND, core_rules, send_body, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 
@@ -32,12 +32,7 @@ def test_an_edited_rules_file_is_reloaded_and_a_broken_edit_keeps_the_last_good(
     rules = core_rules(tmp_path)
     with (
         start_proxy(
-            "--upstream",
-            fake.url,
-            "--upstream-ca",
-            str(pki.ca_cert),
-            "--confdir",
-            str(tmp_path / "c"),
+            *upstream_args(fake, pki, tmp_path / "c"),
             "--rules",
             str(rules),
         ) as p,
@@ -64,12 +59,7 @@ def test_an_edited_rules_file_is_reloaded_and_a_broken_edit_keeps_the_last_good(
 def test_sigterm_lets_an_in_flight_repair_finish(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     fake.script(SEND, Answer(body=b'{"ret":-2}'), Answer(body=b"{}", delay=1.5))
     p = start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "c"),
+        *upstream_args(fake, pki, tmp_path / "c"),
         "--rules",
         str(ROOT / "rules.yaml"),
     )
@@ -91,12 +81,7 @@ def test_sigterm_lets_an_in_flight_repair_finish(fake: FakeILink, pki: TestPKI, 
     assert "Traceback" not in p.output
     # the state file was closed cleanly: a new proxy opens it at once
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "c"),
+        *upstream_args(fake, pki, tmp_path / "c"),
         "--rules",
         str(ROOT / "rules.yaml"),
     ) as again:
@@ -155,12 +140,7 @@ def test_proxy_auth_is_refused_in_reverse_mode(tmp_path: Path):
 def test_state_and_ca_files_are_owner_only(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     conf = tmp_path / "conf"
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake, pki, conf),
         "--rules",
         str(ROOT / "rules.yaml"),
     ):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SEND, Gateway, sends_to, start_proxy
+from conftest import ROOT, SEND, Gateway, sends_to, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
@@ -32,12 +32,7 @@ def defer_rules(path: Path, **peer_state: object) -> Path:
 def proxy_with(fake: FakeILink, pki: TestPKI, tmp: Path, *extra: str, **peer_state: object) -> ProxyProcess:
     rules = defer_rules(tmp / "rules.yaml", **peer_state)
     return start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp / "conf"),
+        *upstream_args(fake, pki, tmp / "conf"),
         "--rules",
         str(rules),
         "--state",
@@ -203,12 +198,7 @@ def test_a_failed_delivery_stays_queued(fake, pki, tmp_path: Path):
 
 def test_defer_flag_turns_it_on_without_editing_rules(fake, pki, tmp_path: Path):
     with start_proxy(
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "c"),
+        *upstream_args(fake, pki, tmp_path / "c"),
         "--rules",
         str(ROOT / "rules.yaml"),
         "--defer",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, SEND, UPDATES, Gateway, sends_to, start_proxy
+from conftest import ROOT, SEND, UPDATES, Gateway, sends_to, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
@@ -137,12 +137,7 @@ def test_genuine_rate_limits_cool_the_bot_down(gw: Gateway, fake: FakeILink):
 def test_stale_memory_survives_a_restart(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     state = tmp_path / "state.sqlite3"
     args = (
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "c"),
+        *upstream_args(fake, pki, tmp_path / "c"),
         "--rules",
         str(ROOT / "rules.yaml"),
         "--state",
@@ -167,12 +162,7 @@ def test_stale_memory_survives_a_restart(fake: FakeILink, pki: TestPKI, tmp_path
 def test_two_proxies_on_one_state_file_are_refused(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     state = tmp_path / "shared.sqlite3"
     args = (
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(tmp_path / "c"),
+        *upstream_args(fake, pki, tmp_path / "c"),
         "--state",
         str(state),
     )

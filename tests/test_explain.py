@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SEND, core_rules, start_proxy
+from conftest import ROOT, SEND, core_rules, start_proxy, upstream_args
 from ilink_fixproxy.explain import UNKNOWN, explain, load_capture
 from ilink_fixproxy.launcher import clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.rules import load_file
@@ -45,12 +45,7 @@ class Capture:
 
 def _proxy_args(fake: FakeILink, pki: TestPKI, base: Path, rules: Path) -> list[str]:
     return [
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(base / "conf"),
+        *upstream_args(fake, pki, base / "conf"),
         "--rules",
         str(rules),
         "--state",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, SEND, start_proxy
+from conftest import ROOT, SEND, start_proxy, upstream_args
 from ilink_fixproxy.capture import Exchange
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.metrics import Metrics, code_label, errmsg_class, parse_hostport, repair_outcome
@@ -115,12 +115,7 @@ def metered(
 ) -> Iterator[tuple[ProxyProcess, str]]:
     conf = tmp_path_factory.mktemp("metrics")
     with start_proxy(
-        "--upstream",
-        fake_server.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake_server, pki, conf),
         "--rules",
         str(ROOT / "rules.yaml"),
         "--state",

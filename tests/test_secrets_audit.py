@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import BOT_TOKEN, HEADERS, ROOT, SEND
+from conftest import BOT_TOKEN, HEADERS, ROOT, SEND, upstream_args
 from ilink_fixproxy import cli
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
@@ -185,12 +185,7 @@ def audit_run(
     argv = ilink_fixproxy_argv(
         "--listen",
         "127.0.0.1:0",
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake, pki, conf),
         "--rules",
         str(rules),
         "-v",
@@ -305,12 +300,7 @@ def test_the_state_file_and_ca_key_are_private(tmp_path: Path, fake: FakeILink, 
     argv = ilink_fixproxy_argv(
         "--listen",
         "127.0.0.1:0",
-        "--upstream",
-        fake.url,
-        "--upstream-ca",
-        str(pki.ca_cert),
-        "--confdir",
-        str(conf),
+        *upstream_args(fake, pki, conf),
         "--rules",
         str(ROOT / "rules.yaml"),
     )

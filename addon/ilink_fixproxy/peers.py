@@ -30,7 +30,7 @@ from .matching import AnswerSummary, answer_is_failure, parse_json_object
 from .outbox import Outbox
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer
-from .rules import PeerState, Rule, RuleSet
+from .rules import PeerState, Rule
 from .state import StateStore
 
 log = logging.getLogger("ilink_fixproxy")
@@ -528,7 +528,3 @@ def describe_state(store: StateStore, *, show_ids: bool) -> str:
         cooling = f"cooling down for {until - now:.0f}s" if until and until > now else "not cooling down"
         lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s)")
     return "\n".join(lines)
-
-
-def rules_need_state(ruleset: RuleSet) -> bool:
-    return ruleset.uses_peer_state

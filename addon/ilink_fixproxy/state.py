@@ -21,8 +21,6 @@ import json
 import os
 import secrets
 import sqlite3
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -562,20 +560,6 @@ class StateStore:
             for table in ("peers", "stale_tokens", "bots", "messages", "outbox")
         }
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-
 
 def default_path(confdir: str) -> str:
     return str(Path(os.path.expanduser(confdir)) / DEFAULT_NAME)
-
-
-def now() -> float:
-    return time.time()
