@@ -520,6 +520,9 @@ def test_http2_concurrent_streams_are_each_repaired_once(proxy, fake: FakeILink)
     ids = [f"h2-{i}" for i in range(8)]
     c, base = h2_client(proxy)
     with c, concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+        # Open the one HTTP/2 connection first (a getconfig, not a send), so that the eight sends
+        # below are streams on it rather than eight threads racing to set connections up.
+        assert c.post(base + "/ilink/bot/getconfig", content=b"{}", headers=HEADERS).http_version == "HTTP/2"
         answers = list(
             pool.map(
                 lambda cid: c.post(
