@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import certifi
@@ -35,7 +37,14 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-_HTTPX_DEFAULTS = ("accept", "accept-encoding", "user-agent")
+# Distinct request URLs whose parsed form is kept (a proxy sees a handful: iLink's endpoints).
+_URL_CACHE_SIZE = 256
+
+# Upstream connections per upstream proxy: at most, kept idle, and how long an idle one is kept
+# (httpx's own defaults: 100, 20, 5 s).
+MAX_CONNECTIONS = 100
+MAX_IDLE_CONNECTIONS = 20
+IDLE_EXPIRY_S = 5.0
 
 
 class ReissueError(Exception):
@@ -65,15 +74,114 @@ class UpstreamTrust:
         return ssl.create_default_context(cafile=cafile, capath=self.ca_dir)
 
 
+class TransportLanes:
+    """httpx transports with one connection each, lent out for one request at a time.
+
+    Why not one transport with a pool of connections: httpcore's pool rescans all its
+    connections several times per request (quadratic in their number, and every HTTP/1.1 request
+    that finds its connection taken goes round again: encode/httpcore#1035, still open in
+    1.0.9). With 16 sends in flight that bookkeeping cost more CPU than mitmproxy's whole
+    forwarding of a send. A transport that owns a single connection has nothing to scan; this
+    class only decides which idle one a request borrows, the HTTP and TLS stay httpx's.
+    """
+
+    def __init__(
+        self,
+        make_transport: Callable[[], httpx.AsyncHTTPTransport],
+        max_clients: int = MAX_CONNECTIONS,
+        max_idle: int = MAX_IDLE_CONNECTIONS,
+        idle_expiry: float = IDLE_EXPIRY_S,
+    ) -> None:
+        self._make = make_transport
+        self._max_clients = max_clients
+        self._max_idle = max_idle
+        self._idle_expiry = idle_expiry
+        self._idle: list[tuple[httpx.AsyncHTTPTransport, float]] = []  # a stack: the warmest on top
+        self._waiters: deque[asyncio.Future[httpx.AsyncHTTPTransport]] = deque()
+        self._count = 0
+        self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def size(self) -> int:
+        """Transports that exist now, lent out or idle."""
+        return self._count
+
+    async def acquire(self) -> httpx.AsyncHTTPTransport:
+        if self._closed:
+            raise ReissueError("the re-issue client is closed", sent=False)
+        self._expire_idle()
+        if self._idle:
+            return self._idle.pop()[0]
+        if self._count < self._max_clients:
+            self._count += 1
+            return self._make()
+        waiter: asyncio.Future[httpx.AsyncHTTPTransport] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())  # handed over just as we were cancelled: pass it on
+            raise
+
+    def release(self, transport: httpx.AsyncHTTPTransport) -> None:
+        if self._closed:
+            self._discard(transport)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(transport)
+                return
+        if len(self._idle) < self._max_idle:
+            self._idle.append((transport, time.monotonic()))
+        else:
+            self._discard(transport)
+
+    def close(self) -> None:
+        """Close idle transports now and lent ones when they come back (no await needed)."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for transport, _ in idle:
+            self._discard(transport)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ReissueError("the re-issue client was replaced", sent=False))
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _expire_idle(self) -> None:
+        # The coldest idle transport sits at the bottom of the stack; one unused for a while holds
+        # a connection the upstream has probably closed: let it go.
+        deadline = time.monotonic() - self._idle_expiry
+        while self._idle and self._idle[0][1] < deadline:
+            self._discard(self._idle.pop(0)[0])
+
+    def _discard(self, transport: httpx.AsyncHTTPTransport) -> None:
+        self._count -= 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: nothing was ever sent on it, nothing to flush
+        task = loop.create_task(transport.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
 class Reissuer:
-    """One pooled httpx client per upstream proxy (usually just one), shared by all repairs."""
+    """Sends requests upstream with httpx, one set of lanes per upstream proxy (usually just one)."""
 
     def __init__(self, max_answer_bytes: int) -> None:
         self.max_answer_bytes = max_answer_bytes
         self._trust = UpstreamTrust()
         self._verify: ssl.SSLContext | bool = UpstreamTrust().ssl_context()
-        self._clients: dict[str | None, httpx.AsyncClient] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._lanes: dict[str | None, TransportLanes] = {}
+        self._urls: dict[str, httpx.URL] = {}
 
     def configure(self, trust: UpstreamTrust) -> None:
         """Adopt new TLS options; raises OSError/ssl.SSLError for unreadable CA files."""
@@ -84,34 +192,42 @@ class Reissuer:
         self.close_clients()
 
     def close_clients(self) -> None:
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                continue  # no loop: nothing was ever sent on it, nothing to flush
-            task = loop.create_task(client.aclose())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        lanes, self._lanes = self._lanes, {}
+        for lane in lanes.values():
+            lane.close()
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.aclose()
+        lanes, self._lanes = self._lanes, {}
+        for lane in lanes.values():
+            await lane.aclose()
 
-    def _client(self, proxy: str | None) -> httpx.AsyncClient:
-        client = self._clients.get(proxy)
-        if client is None:
-            client = httpx.AsyncClient(
-                verify=self._verify,
-                proxy=proxy,
-                trust_env=False,  # HTTPS_PROXY etc. often point at this very proxy
-                follow_redirects=False,
-                timeout=None,  # the caller's deadline bounds every re-issue instead
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-            )
-            self._clients[proxy] = client
-        return client
+    def _lanes_for(self, proxy: str | None) -> TransportLanes:
+        lanes = self._lanes.get(proxy)
+        if lanes is None:
+            verify = self._verify
+
+            def make_transport() -> httpx.AsyncHTTPTransport:
+                # A transport, not a Client: a Client adds default headers we would have to take
+                # out again, a cookie jar and redirect handling we must not have (the gateway
+                # gets iLink's answer as it came), and costs a fifth of a send's CPU doing so.
+                return httpx.AsyncHTTPTransport(
+                    verify=verify,
+                    proxy=proxy,
+                    trust_env=False,  # HTTPS_PROXY, SSL_CERT_FILE... often point at this very proxy
+                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                )
+
+            lanes = self._lanes[proxy] = TransportLanes(make_transport)
+        return lanes
+
+    def _url(self, url: str) -> httpx.URL:
+        # Parsing a URL is a tenth of httpx's work per request, and a proxy sees the same few.
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
 
     async def send(
         self,
@@ -133,33 +249,34 @@ class Reissuer:
             (k, v) for k, v in request.headers.fields if k.decode("latin-1").lower() not in _HOP_BY_HOP
         ]
         proxy = f"{via[0]}://{via[1][0]}:{via[1][1]}" if via else None
-        client = self._client(proxy)
+        lanes = self._lanes_for(proxy)
         started = time.time()
+        transport: httpx.AsyncHTTPTransport | None = None
         try:
             async with asyncio.timeout(timeout):
-                req = client.build_request(request.method, request.url, headers=headers, content=body)
-                # httpx adds its own defaults (Accept, Accept-Encoding, User-Agent); send exactly
-                # the gateway's headers instead.
-                for name in _HTTPX_DEFAULTS:
-                    if name in req.headers and name not in request.headers:
-                        del req.headers[name]
-                if "connection" in req.headers:  # httpx's; keep-alive is HTTP/1.1's default anyway
-                    del req.headers["connection"]
-                answer = await client.send(req, stream=True)
+                # Exactly the gateway's headers; httpx adds only Content-Length (and Host if the
+                # gateway sent none). No timeout extension: the deadline above bounds it all.
+                req = httpx.Request(request.method, self._url(request.url), headers=headers, content=body)
+                transport = await lanes.acquire()
+                answer = await transport.handle_async_request(req)
                 try:
                     raw = bytearray()
-                    async for chunk in answer.aiter_raw():
+                    async for chunk in answer.stream:
                         raw += chunk
                         if len(raw) > limit:
                             raise ReissueError(f"answer larger than {limit} bytes")
                 finally:
                     await answer.aclose()
         except TimeoutError:
-            raise ReissueError(f"no answer within {timeout:.1f} s") from None
+            # Still waiting for a free connection means nothing was sent.
+            raise ReissueError(f"no answer within {timeout:.1f} s", sent=transport is not None) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
             raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=False) from None
         except httpx.HTTPError as e:
             raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}") from None
+        finally:
+            if transport is not None:
+                lanes.release(transport)
 
         fields = [(k, v) for k, v in answer.headers.raw if k.decode("latin-1").lower() not in _HOP_BY_HOP]
         fields.append((b"content-length", str(len(raw)).encode()))
