@@ -24,7 +24,7 @@ from mitmproxy.utils import human
 from . import rules as rules_mod
 from . import state as state_mod
 from .jsonedit import get_path, remove_member
-from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object
+from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object, request_line_only
 from .peers import PeerTracker, attempt_record
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer, UpstreamTrust
@@ -43,6 +43,7 @@ _MARKS = {
 }
 INTERCEPT_CHOICES = ("rule-hosts", "all")
 HOUSEKEEPING_S = 2.0
+_LINE_MEMO_SIZE = 1024  # distinct (method, host, URL) request lines whose rule selection is kept
 _TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
 
 
@@ -57,6 +58,9 @@ class IlinkFixProxy:
         self._running = False
         self._housekeeping: asyncio.Future[None] | None = None
         self._in_flight = 0
+        self._line_memo_for: RuleSet | None = None
+        self._line_memo: dict[tuple[bytes, str, str], tuple[list[Rule], bool]] = {}
+        self._line_only = False
         self._selections: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[RuleSet, list[Rule], bool]] = (
             weakref.WeakKeyDictionary()
         )
@@ -354,10 +358,25 @@ class IlinkFixProxy:
         cached = self._selections.get(flow)
         if cached is not None and cached[0] is self.ruleset:
             return cached[1], cached[2]
+        line_key = None
+        if self._line_memo_for is not self.ruleset:
+            self._line_memo_for, self._line_memo = self.ruleset, {}
+            self._line_only = _filters_read_request_line_only(self.ruleset)
+        if self._line_only:
+            # Evaluating the filters (regexes over the URL, twice per rule) cost more than a
+            # whole re-issue's bookkeeping; a proxy sees the same few request lines over and over.
+            line_key = (flow.request.data.method, flow.request.host, flow.request.pretty_url)
+            if (memo := self._line_memo.get(line_key)) is not None:
+                self._selections[flow] = (self.ruleset, memo[0], memo[1])
+                return memo
         updates = self.ruleset.updates
         picked = [r for r in self.ruleset.rules if r.match.filter(flow)]
         is_update = updates is not None and bool(updates.filter(flow))
         self._selections[flow] = (self.ruleset, picked, is_update)
+        if line_key is not None:
+            if len(self._line_memo) >= _LINE_MEMO_SIZE:
+                self._line_memo.clear()
+            self._line_memo[line_key] = (picked, is_update)
         return picked, is_update
 
     def _candidates(self, flow: http.HTTPFlow) -> list[Rule]:
@@ -497,3 +516,10 @@ def _readable(response: http.Response) -> bytes:
 
 def _endpoint(flow: http.HTTPFlow) -> str:
     return flow.request.path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "/"
+
+
+def _filters_read_request_line_only(ruleset: RuleSet) -> bool:
+    filters = [r.match.filter for r in ruleset.rules]
+    if ruleset.updates is not None:
+        filters.append(ruleset.updates.filter)
+    return all(request_line_only(f) for f in filters)

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mitmproxy import flowfilter
+
 from .jsonedit import get_path
 from .rules import Condition, Equals, Match, Missing, Regex, Rule
 
@@ -23,6 +25,20 @@ def parse_json_object(body: bytes | None) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+# Filter parts whose verdict depends only on the request line (method, host, URL).
+_LINE_ONLY_TESTS = (flowfilter.FMethod, flowfilter.FUrl, flowfilter.FDomain)
+
+
+def request_line_only(f: Any) -> bool:
+    """The flow filter's verdict depends on nothing but the request's method, host and URL, so
+    it may be remembered per (method, host, URL) instead of evaluated for every flow."""
+    if isinstance(f, flowfilter.FAnd | flowfilter.FOr):
+        return all(request_line_only(part) for part in f.lst)
+    if isinstance(f, flowfilter.FNot):
+        return request_line_only(f.itm)
+    return isinstance(f, _LINE_ONLY_TESTS)
 
 
 def condition_holds(condition: Condition, doc: dict[str, Any]) -> bool:

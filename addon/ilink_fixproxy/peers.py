@@ -111,6 +111,7 @@ class PeerTracker:
         # The bots' Authorization values, in memory only: deferred sends are stored without them
         # and delivered with the credentials of the bot's latest request.
         self._auth: dict[str, str] = {}
+        self._bots: dict[str, str] = {}  # Authorization -> its keyed hash (memory only, like _auth)
         self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
         self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
 
@@ -168,7 +169,13 @@ class PeerTracker:
                     self.outbox.on_inbound(q.bot, q.peer, self.fresh_token(q.bot, q.peer), auth)
 
     def bot_of(self, request: http.Request) -> str:
-        return self.store.keyed_hash(request.headers.get("authorization", ""))
+        auth = request.headers.get("authorization", "")
+        bot = self._bots.get(auth)
+        if bot is None:  # an HMAC per send is measurable; a proxy serves a handful of bots
+            if len(self._bots) >= 10_000:
+                self._bots.clear()
+            bot = self._bots[auth] = self.store.keyed_hash(auth)
+        return bot
 
     def fresh_token(self, bot: str, peer: str | None) -> str | None:
         """The newest token seen for the peer, if the store still agrees it is the newest."""
@@ -450,20 +457,22 @@ class PeerTracker:
             send, accepted=not failed, status=final.response.status_code, headers=headers, body=final.body
         )
 
-        summary_first = AnswerSummary.of(first.response.status_code, first.body).short()
-        summary_final = AnswerSummary.of(final.response.status_code, final.body).short()
-        tokens = " -> ".join(_describe_token(a.token, send.token) for a in send.attempts)
-        if decision not in ("passed", "reissue-failed"):
-            final.response.headers[HEADER] = (
-                f"{decision}; rule={send.rule.name}; attempts={len(send.attempts)}; tokens={tokens}; "
-                f"first={summary_first}; now={summary_final}"
+        # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy
+        # did; and nothing is worked out for a line nobody will see.
+        if decision != "passed" or log.isEnabledFor(logging.DEBUG):
+            summary_final = AnswerSummary.of(final.response.status_code, final.body).short()
+            tokens = " -> ".join(_describe_token(a.token, send.token) for a in send.attempts)
+            if decision != "reissue-failed" and decision != "passed":
+                summary_first = AnswerSummary.of(first.response.status_code, first.body).short()
+                final.response.headers[HEADER] = (
+                    f"{decision}; rule={send.rule.name}; attempts={len(send.attempts)}; tokens={tokens}; "
+                    f"first={summary_first}; now={summary_final}"
+                )
+            (log.debug if decision == "passed" else log.info)(
+                f"{decision}: sendmessage to peer {token_hash(send.peer)} client_id {send.client_id or '-'} "
+                f"with context_token {token_hash(send.token)}: {len(send.attempts)} attempt(s) [{tokens}]: "
+                f"{summary_final}"
             )
-        # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy did.
-        (log.debug if decision == "passed" else log.info)(
-            f"{decision}: sendmessage to peer {token_hash(send.peer)} client_id {send.client_id or '-'} "
-            f"with context_token {token_hash(send.token)}: {len(send.attempts)} attempt(s) [{tokens}]: "
-            f"{summary_final}"
-        )
         return Outcome(final.response, decision, accepted=not failed, trace=tuple(send.trace))
 
     def _record(

@@ -20,6 +20,8 @@ import certifi
 import httpx
 from mitmproxy import http
 
+from .netbackend import use_asyncio_backend
+
 # Headers that describe the connection or the framing of the old body, not the request itself.
 _HOP_BY_HOP = frozenset(
     {
@@ -210,12 +212,15 @@ class Reissuer:
                 # A transport, not a Client: a Client adds default headers we would have to take
                 # out again, a cookie jar and redirect handling we must not have (the gateway
                 # gets iLink's answer as it came), and costs a fifth of a send's CPU doing so.
-                return httpx.AsyncHTTPTransport(
+                transport = httpx.AsyncHTTPTransport(
                     verify=verify,
                     proxy=proxy,
                     trust_env=False,  # HTTPS_PROXY, SSL_CERT_FILE... often point at this very proxy
                     limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
                 )
+                if proxy is None:
+                    use_asyncio_backend(transport)
+                return transport
 
             lanes = self._lanes[proxy] = TransportLanes(make_transport)
         return lanes

@@ -1,0 +1,183 @@
+"""An asyncio network backend for httpcore (the engine under httpx), for the re-issue's connections.
+
+Why: httpcore reaches the network through anyio by default, and anyio's streams add an event-loop
+round trip (a checkpoint) to every write and a cancel scope to every read and write. On a send
+that the proxy performs itself, that was about a fifth of the re-issue's CPU time. mitmproxy
+already runs on asyncio, so this backend gives httpcore plain asyncio streams instead, through
+httpcore's public ``AsyncNetworkBackend`` interface. There is no HTTP in here (h11 still reads
+and writes the messages) and no TLS of our own (``asyncio`` and ``ssl`` do it); the class only
+moves bytes and turns socket errors into httpcore's exceptions, as httpcore's own backends do.
+
+Only direct connections use it: through an upstream proxy (TLS inside a CONNECT tunnel, perhaps
+inside TLS to the proxy) httpcore keeps its default backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import ssl
+import typing
+from collections.abc import AsyncIterator, Iterable
+
+import httpcore
+import httpx
+
+# Like anyio.connect_tcp: try the next address if the first has not connected within 250 ms.
+_HAPPY_EYEBALLS_DELAY_S = 0.25
+
+
+@contextlib.asynccontextmanager
+async def _deadline(timeout: float | None) -> AsyncIterator[None]:
+    if timeout is None:  # the common case here: the caller's deadline bounds the whole exchange
+        yield
+    else:
+        async with asyncio.timeout(timeout):
+            yield
+
+
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+class AsyncioStream(httpcore.AsyncNetworkStream):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            if timeout is None:
+                return await self._reader.read(max_bytes)
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)
+        except TimeoutError as e:  # before OSError: TimeoutError is one
+            raise httpcore.ReadTimeout(_why(e)) from e
+        except ssl.SSLEOFError:
+            return b""  # a TLS peer that hung up without close_notify: an end of stream, as anyio sees it
+        except OSError as e:
+            raise httpcore.ReadError(_why(e)) from e
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        try:
+            self._writer.write(buffer)
+            if timeout is None:
+                await self._writer.drain()
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._writer.drain()
+        except TimeoutError as e:
+            raise httpcore.WriteTimeout(_why(e)) from e
+        except (OSError, RuntimeError) as e:  # RuntimeError: writing to a transport being closed
+            raise httpcore.WriteError(_why(e)) from e
+
+    async def aclose(self) -> None:
+        # Not awaiting wait_closed(): a TLS peer that never answers close_notify must not hold
+        # up the caller; asyncio finishes (or abandons) the shutdown in the background.
+        self._writer.close()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with _deadline(timeout):
+                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except TimeoutError as e:
+            self._writer.close()
+            raise httpcore.ConnectTimeout(_why(e)) from e
+        except (OSError, ssl.SSLError) as e:
+            self._writer.close()
+            raise httpcore.ConnectError(_why(e)) from e
+        return self  # the writer now speaks TLS; the reader reads what it decrypts
+
+    def get_extra_info(self, info: str) -> typing.Any:
+        if info == "is_readable":
+            # httpcore asks this of an idle keep-alive connection: anything readable there means
+            # the server closed it (or broke the protocol), so it must not be reused. asyncio
+            # reads eagerly, so look at what the reader got as well as at the socket.
+            if self._reader.at_eof() or self._reader.exception() is not None:
+                return True
+            sock = self._writer.get_extra_info("socket")
+            if sock is None or sock.fileno() < 0:
+                return True
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        if info == "ssl_object":
+            return self._writer.get_extra_info("ssl_object")
+        if info == "socket":
+            return self._writer.get_extra_info("socket")
+        if info == "client_addr":
+            return self._writer.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._writer.get_extra_info("peername")
+        return None
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with _deadline(timeout):
+                # asyncio sets TCP_NODELAY on TCP connections, as anyio does.
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    local_addr=(local_address, 0) if local_address else None,
+                    happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY_S,
+                )
+        except TimeoutError as e:
+            raise httpcore.ConnectTimeout(_why(e)) from e
+        except OSError as e:
+            raise httpcore.ConnectError(_why(e)) from e
+        sock = writer.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return AsyncioStream(reader, writer)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with _deadline(timeout):
+                reader, writer = await asyncio.open_unix_connection(path)
+        except TimeoutError as e:
+            raise httpcore.ConnectTimeout(_why(e)) from e
+        except OSError as e:
+            raise httpcore.ConnectError(_why(e)) from e
+        return AsyncioStream(reader, writer)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+_BACKEND = AsyncioBackend()
+
+
+def use_asyncio_backend(transport: httpx.AsyncHTTPTransport) -> bool:
+    """Point a direct (proxy-less) httpx transport at the asyncio backend; False if it cannot be.
+
+    httpx has no argument for httpcore's ``network_backend``, so this sets it on the pool the
+    transport made. If a future httpx builds its pool differently, the transport is left as it
+    is (slower, never wrong), and tests/test_reissue.py says so.
+    """
+    pool = getattr(transport, "_pool", None)
+    if type(pool) is not httpcore.AsyncConnectionPool or not hasattr(pool, "_network_backend"):
+        return False
+    pool._network_backend = _BACKEND
+    return True
