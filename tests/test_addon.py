@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import HEADERS, SEND, core_rules, send_body
 from ilink_fixproxy.addon import HEADER, IlinkFixProxy
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
@@ -92,6 +93,35 @@ def test_only_selected_flows_are_buffered():
         huge.request.headers["content-length"] = str(50 * 1024 * 1024)
         addon.requestheaders(huge)
         assert huge.request.stream
+
+
+def test_rule_selection_is_remembered_only_for_request_line_filters(tmp_path: Path):
+    rules = tmp_path / "rules.yaml"
+    doc = yaml.safe_load(CORE_RULES.read_text())
+    doc["rules"][0]["match"]["filter"] = "~u /ilink/bot/sendmessage & ~h X-Pick"
+    rules.write_text(yaml.safe_dump(doc))
+    addon = IlinkFixProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ilink_rules=str(rules))
+
+        def selected(headers: dict[str, str]) -> int:
+            f = tflow.tflow()
+            f.request = http.Request.make("POST", "https://ilinkai.weixin.qq.com" + SEND, b"", headers)
+            return len(addon._candidates(f))
+
+        # one URL, different headers: a header filter is evaluated for every flow
+        assert [selected({**HEADERS, "X-Pick": "1"}), selected(HEADERS), selected({"X-Pick": "1"})] == [
+            1,
+            0,
+            1,
+        ]
+
+        tctx.configure(addon, ilink_rules=str(CORE_RULES))  # "~m POST & ~u ...": remembered per line
+        assert [selected(HEADERS), selected({}), selected(HEADERS)] == [1, 1, 1]
+        get = tflow.tflow()
+        get.request = http.Request.make("GET", "https://ilinkai.weixin.qq.com" + SEND, b"")
+        assert addon._candidates(get) == []
+        assert len(addon._line_memo) == 2
 
 
 @pytest.fixture

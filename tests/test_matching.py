@@ -14,8 +14,10 @@ from ilink_fixproxy.matching import (
     carries,
     first_rule,
     parse_json_object,
+    request_line_only,
     request_qualifies,
 )
+from mitmproxy import flowfilter
 
 DEFAULT = rules.load_default().rules[0]
 
@@ -149,3 +151,19 @@ def test_decisions_never_raise_on_arbitrary_json(request, answer, status):
     ans = parse_json_object(json.dumps(answer).encode())
     result = first_rule([DEFAULT], req, status, ans)
     assert result is None or (status == 200 and isinstance(ans, dict))
+
+
+@pytest.mark.parametrize(
+    ("expression", "line_only"),
+    [
+        ("~m POST & ~u /ilink/bot/sendmessage", True),
+        ("~d ilinkai.weixin.qq.com & !(~u getupdates | ~m GET)", True),
+        ("/ilink/bot/sendmessage", True),
+        ("~u sendmessage & ~h X-Test", False),  # headers differ between flows on one URL
+        ("~u sendmessage & ~b context_token", False),
+        ("~q & ~u sendmessage", False),  # depends on whether an answer is there yet
+        ("~u sendmessage | ~s", False),
+    ],
+)
+def test_which_filters_depend_only_on_the_request_line(expression: str, line_only: bool):
+    assert request_line_only(flowfilter.parse(expression)) is line_only

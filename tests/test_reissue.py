@@ -1,0 +1,246 @@
+"""The re-issue client in-process against the real fake iLink over TLS (its own CA): the httpx
+transports lent one request at a time, the asyncio network backend under them, and how every
+failure maps to "sent" or "certainly not sent" (which decides whether mitmproxy may forward it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from conftest import HEADERS, SEND, send_body
+from ilink_fixproxy.netbackend import AsyncioBackend, use_asyncio_backend
+from ilink_fixproxy.reissue import ReissueError, Reissuer, TransportLanes, UpstreamTrust
+from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
+from mitmproxy import http
+
+
+def trusting(pki: TestPKI) -> Reissuer:
+    reissuer = Reissuer(max_answer_bytes=1 << 20)
+    reissuer.configure(UpstreamTrust(ca_file=str(pki.ca_cert)))
+    return reissuer
+
+
+def send_request(url: str) -> http.Request:
+    return http.Request.make("POST", url + SEND, send_body(None), HEADERS)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_direct_transports_run_on_the_asyncio_backend():
+    # If a new httpx builds its pool differently this fails, instead of the proxy silently
+    # falling back to the slower anyio path.
+    transport = httpx.AsyncHTTPTransport()
+    assert use_asyncio_backend(transport)
+    assert isinstance(transport._pool._network_backend, AsyncioBackend)
+    # through an upstream proxy the transport keeps httpcore's own backend
+    assert not use_asyncio_backend(httpx.AsyncHTTPTransport(proxy="http://127.0.0.1:9"))
+
+
+def test_sequential_sends_share_one_tls_connection(fake: FakeILink, pki: TestPKI):
+    async def go() -> tuple[list[int], int]:
+        reissuer = trusting(pki)
+        request = send_request(fake.url)
+        statuses = []
+        for _ in range(3):
+            answer = await reissuer.send(request, request.raw_content or b"", None, 10)
+            statuses.append(answer.status_code)
+        size = reissuer._lanes_for(None).size
+        await reissuer.aclose()
+        return statuses, size
+
+    statuses, size = run(go())
+    assert statuses == [200, 200, 200]
+    assert size == 1
+    assert len(fake.sends()) == 3
+    # exactly the gateway's headers: nothing of httpx's own (Accept, User-Agent ...) added
+    sent = {k.lower() for k, _ in fake.sends()[0].headers}
+    assert "user-agent" not in sent and "accept" not in sent and "accept-encoding" not in sent
+    assert json.loads(fake.sends()[0].body) == json.loads(send_body(None))
+
+
+def test_concurrent_sends_wait_for_a_free_connection(fake: FakeILink, pki: TestPKI):
+    fake.script(SEND, *[Answer(body=b'{"ret":0}', delay=0.2) for _ in range(5)])
+
+    async def go() -> tuple[list[int], int]:
+        reissuer = trusting(pki)
+        lanes = reissuer._lanes_for(None)
+        lanes._max_clients = 2  # a small cap, so three of the five must wait their turn
+        request = send_request(fake.url)
+        answers = await asyncio.gather(
+            *(reissuer.send(request, request.raw_content or b"", None, 10) for _ in range(5))
+        )
+        size = lanes.size
+        await reissuer.aclose()
+        return [a.status_code for a in answers], size
+
+    started = time.monotonic()
+    statuses, size = run(go())
+    assert statuses == [200] * 5
+    assert size == 2
+    assert time.monotonic() - started >= 0.5  # three rounds of 0.2 s on two connections
+
+
+def test_waiting_for_a_connection_past_the_deadline_was_never_sent(fake: FakeILink, pki: TestPKI):
+    fake.script(SEND, Answer(body=b'{"ret":0}', delay=1.0))
+
+    async def go() -> ReissueError:
+        reissuer = trusting(pki)
+        reissuer._lanes_for(None)._max_clients = 1
+        request = send_request(fake.url)
+        slow = asyncio.ensure_future(reissuer.send(request, request.raw_content or b"", None, 10))
+        await asyncio.sleep(0.2)
+        with pytest.raises(ReissueError) as caught:
+            await reissuer.send(request, request.raw_content or b"", None, 0.2)
+        await slow
+        await reissuer.aclose()
+        return caught.value
+
+    error = run(go())
+    assert error.sent is False
+    assert len(fake.sends()) == 1
+
+
+def test_a_connection_the_server_closed_is_not_reused(fake: FakeILink, pki: TestPKI):
+    # close-delimited: the server answers, then closes the connection; the next send must notice
+    # the closed keep-alive connection and open a new one instead of failing.
+    fake.script(SEND, Answer(body=b'{"ret":0}', fault="close-delimited"))
+
+    async def go() -> list[int]:
+        reissuer = trusting(pki)
+        request = send_request(fake.url)
+        statuses = []
+        for _ in range(2):
+            answer = await reissuer.send(request, request.raw_content or b"", None, 10)
+            statuses.append(answer.status_code)
+            await asyncio.sleep(0.1)
+        await reissuer.aclose()
+        return statuses
+
+    assert run(go()) == [200, 200]
+    assert len(fake.sends()) == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "sent"),
+    [("reset", True), ("close", True), ("reset-mid-body", True), ("truncate", True)],
+)
+def test_a_broken_answer_counts_as_sent(fake: FakeILink, pki: TestPKI, fault: str, sent: bool):
+    fake.script(SEND, Answer(body=b'{"ret":0,"padding":"' + b"x" * 2000 + b'"}', fault=fault))
+
+    async def go() -> ReissueError:
+        reissuer = trusting(pki)
+        request = send_request(fake.url)
+        with pytest.raises(ReissueError) as caught:
+            await reissuer.send(request, request.raw_content or b"", None, 10)
+        await reissuer.aclose()
+        return caught.value
+
+    assert run(go()).sent is sent
+
+
+def test_an_untrusted_certificate_is_never_sent(fake: FakeILink):
+    async def go() -> ReissueError:
+        reissuer = Reissuer(max_answer_bytes=1 << 20)  # certifi's roots: not the fake's CA
+        request = send_request(fake.url)
+        with pytest.raises(ReissueError) as caught:
+            await reissuer.send(request, request.raw_content or b"", None, 10)
+        await reissuer.aclose()
+        return caught.value
+
+    error = run(go())
+    assert error.sent is False
+    assert "certificate" in str(error).lower()
+    assert fake.sends() == []
+
+
+def test_a_refused_connection_is_never_sent():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+    async def go() -> ReissueError:
+        reissuer = Reissuer(max_answer_bytes=1 << 20)
+        request = send_request(f"https://127.0.0.1:{port}")
+        with pytest.raises(ReissueError) as caught:
+            await reissuer.send(request, request.raw_content or b"", None, 10)
+        await reissuer.aclose()
+        return caught.value
+
+    error = run(go())
+    assert error.sent is False and "ConnectError" in str(error)
+
+
+def test_an_answer_over_the_cap_is_refused(fake: FakeILink, pki: TestPKI):
+    fake.script(SEND, Answer(body=b'{"ret":0,"padding":"' + b"x" * 5000 + b'"}'))
+
+    async def go() -> ReissueError:
+        reissuer = trusting(pki)
+        request = send_request(fake.url)
+        with pytest.raises(ReissueError) as caught:
+            await reissuer.send(request, request.raw_content or b"", None, 10, max_bytes=1000)
+        await reissuer.aclose()
+        return caught.value
+
+    assert "larger than 1000 bytes" in str(run(go()))
+
+
+def test_lanes_lend_each_transport_to_one_request_and_close_returned_ones():
+    made: list[httpx.AsyncHTTPTransport] = []
+
+    def make() -> httpx.AsyncHTTPTransport:
+        made.append(httpx.AsyncHTTPTransport())
+        return made[-1]
+
+    async def go() -> None:
+        lanes = TransportLanes(make, max_clients=2, max_idle=1, idle_expiry=60)
+        a = await lanes.acquire()
+        b = await lanes.acquire()
+        assert a is not b and lanes.size == 2
+        waiting = asyncio.ensure_future(lanes.acquire())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # both lent: the third request waits
+        lanes.release(a)
+        assert await waiting is a  # handed straight to the waiter
+        lanes.release(a)
+        lanes.release(b)  # one idle slot: b is closed
+        assert lanes.size == 1
+        # a waiter cancelled while waiting does not lose the transport handed to it
+        c = await lanes.acquire()
+        second = await lanes.acquire()
+        waiter = asyncio.ensure_future(lanes.acquire())
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        lanes.release(c)
+        assert lanes.size == 2 and await lanes.acquire() is c
+        lanes.close()
+        lanes.release(c)
+        lanes.release(second)
+        assert lanes.size == 0
+        with pytest.raises(ReissueError):
+            await lanes.acquire()
+        await lanes.aclose()
+
+    run(go())
+    assert len(made) == 3  # a, b (closed when returned), and one more after b was gone
+
+
+def test_idle_transports_expire():
+    async def go() -> int:
+        lanes = TransportLanes(httpx.AsyncHTTPTransport, max_clients=4, max_idle=4, idle_expiry=0.05)
+        first = await lanes.acquire()
+        lanes.release(first)
+        await asyncio.sleep(0.1)
+        fresh = await lanes.acquire()  # the idle one was too old: closed, a new one made
+        assert fresh is not first
+        lanes.release(fresh)
+        size = lanes.size
+        await lanes.aclose()
+        return size
+
+    assert run(go()) == 1
