@@ -402,13 +402,12 @@ class PeerTracker:
         send.trace.append(
             attempt_record(response.status_code, content, (time.monotonic() - started) * 1000, kind)
         )
+        doc = parse_json_object(content) if decodable else None
         usable = not send.attempts or (
-            decodable
-            and response.status_code == 200
-            and (not content or parse_json_object(content) is not None)
+            decodable and response.status_code == 200 and (not content or doc is not None)
         )
         if usable:
-            send.attempts.append(_Attempt(token, response, content, parse_json_object(content)))
+            send.attempts.append(_Attempt(token, response, content, doc))
         else:
             # A re-issue answered with something we cannot hand back (5xx, non-JSON, cut short):
             # like a reset, the caller keeps the earlier answer and nothing is learnt from it.
