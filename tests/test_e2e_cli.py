@@ -187,3 +187,17 @@ def test_console_script_is_installed():
     assert exe, "pip install gives the ilink-fixproxy console script"
     p = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60, env=clean_env())
     assert p.returncode == 0
+
+
+def test_the_startup_heap_is_frozen_once_the_proxy_listens():
+    # In-process: the addon the command adds after mitmproxy's `running` event.
+    import gc
+
+    from ilink_fixproxy.cli import FreezeStartupHeap
+
+    assert gc.get_freeze_count() == 0
+    try:
+        FreezeStartupHeap().running()
+        assert gc.get_freeze_count() > 1000  # everything imported so far
+    finally:
+        gc.unfreeze()

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -438,6 +439,20 @@ class StartupReport:
             print(f"{PROG}: WARNING: {warning}", file=sys.stderr, flush=True)
 
 
+class FreezeStartupHeap:
+    """Once the proxy listens, moves everything loaded so far out of the garbage collector's sight.
+
+    Why: mitmproxy, httpx and the rest leave ~100,000 long-lived objects behind at start-up, and
+    every full collection walked them all: about 55 ms each, several times a minute under load.
+    That was the proxy's worst latency (p99 at 16 concurrent sends) and ~5% of its CPU time.
+    The objects frozen here live as long as the process anyway (``gc.freeze``, Python >= 3.7).
+    """
+
+    def running(self) -> None:
+        gc.collect()
+        gc.freeze()
+
+
 async def serve(s: Settings) -> int:
     from mitmproxy import exceptions, options
 
@@ -452,7 +467,8 @@ async def serve(s: Settings) -> int:
         logging.getLogger("mitmproxy.proxy").setLevel(logging.WARNING)
 
     opts = options.Options()
-    m = cli_capture.make_master(opts, s, IlinkFixProxy(), StartupReport(s))  # + capture, metrics, --ui
+    # + capture, metrics, --ui
+    m = cli_capture.make_master(opts, s, IlinkFixProxy(), StartupReport(s), FreezeStartupHeap())
     try:
         opts.update(**mitmproxy_options(s))
         if s.setoptions:
