@@ -429,7 +429,8 @@ class PeerTracker:
         elif not failed:
             if len(send.attempts) > 1:
                 decision = "repaired"
-            if send.token and final.token != send.token and ps.remember_stale:
+            if send.token and final.token != send.token and ps.remember_stale and decision != "stripped":
+                # ("stripped": the store already knew the token was stale, no need to say it again)
                 self.store.mark_stale(send.bot, self.store.keyed_hash(send.token), send.peer or "", now)
             if send.peer:
                 self.store.open_window(send.bot, send.peer, now)
