@@ -201,3 +201,26 @@ def test_the_startup_heap_is_frozen_once_the_proxy_listens():
         assert gc.get_freeze_count() > 1000  # everything imported so far
     finally:
         gc.unfreeze()
+
+
+def test_a_connection_cancelled_at_shutdown_is_no_traceback(caplog):
+    # Python 3.11's start_server callback raises CancelledError for a handler cancelled at
+    # shutdown; the command drops exactly that, and reports anything else as asyncio would.
+    import asyncio
+    import logging
+
+    from ilink_fixproxy.cli import _quiet_about_cancelled_connections
+
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            _quiet_about_cancelled_connections(
+                loop, {"message": "Exception in callback callback()", "exception": asyncio.CancelledError()}
+            )
+            assert caplog.records == []
+            _quiet_about_cancelled_connections(
+                loop, {"message": "Exception in callback other()", "exception": RuntimeError("real")}
+            )
+        assert [r.getMessage() for r in caplog.records] == ["Exception in callback other()"]
+    finally:
+        loop.close()

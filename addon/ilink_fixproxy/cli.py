@@ -21,6 +21,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__, cli_capture
@@ -453,6 +454,21 @@ class FreezeStartupHeap:
         gc.freeze()
 
 
+def _quiet_about_cancelled_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Drop one known false alarm, pass everything else to asyncio's default handler.
+
+    On Python 3.11 a connection handler of ``asyncio.start_server`` that is cancelled (mitmproxy's
+    handlers of keep-alive connections still open when the proxy stops) makes asyncio's own done
+    callback call ``task.exception()``, which raises CancelledError and prints a traceback after
+    an otherwise clean shutdown (Python 3.12 checks ``task.cancelled()`` first).
+    """
+    if isinstance(context.get("exception"), asyncio.CancelledError) and str(
+        context.get("message", "")
+    ).startswith("Exception in callback"):
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(s: Settings) -> int:
     from mitmproxy import exceptions, options
 
@@ -479,6 +495,7 @@ async def serve(s: Settings) -> int:
         raise UsageError(str(e)) from None
 
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_about_cancelled_connections)  # mitmproxy's own is set in run()
     stopping: list[asyncio.Task[None]] = []
 
     def stop() -> None:
