@@ -9,7 +9,8 @@ import time
 
 import httpx
 import pytest
-from conftest import BOT_TOKEN, HEADERS, SEND, send_body
+import yaml
+from conftest import BOT_TOKEN, HEADERS, SEND, core_rules, send_body, start_proxy, upstream_args
 from ilink_fixproxy.sandbox import Answer, FakeILink
 
 STALE = "AARzJWAFAAABAAAAAAA-stale-token-0001"
@@ -218,3 +219,18 @@ def test_secrets_never_appear_in_the_proxy_output(proxy, fake: FakeILink, client
     assert "still-failing" in out and "re-issue" in out
     assert STALE not in out
     assert BOT_TOKEN not in out and "S3cr3t" not in out
+
+
+def test_a_header_filter_is_evaluated_for_every_request_on_one_url(fake: FakeILink, pki, client, tmp_path):
+    # The proxy remembers which rules a request line selects only when every filter reads just
+    # the request line; a filter on a header must still decide per request.
+    doc = yaml.safe_load(core_rules(tmp_path).read_text())
+    doc["rules"][0]["match"]["filter"] = "~m POST & ~u /ilink/bot/sendmessage & ~h X-Repair"
+    rules = tmp_path / "header-rules.yaml"
+    rules.write_text(yaml.safe_dump(doc))
+    with start_proxy(*upstream_args(fake, pki, tmp_path / "c"), "--rules", str(rules)) as p:
+        repaired = [
+            "x-ilink-fixproxy" in post(client, p, send_body(STALE), **extra).headers
+            for extra in ({"X-Repair": "1"}, {}, {"X-Repair": "1"}, {})
+        ]
+    assert repaired == [True, False, True, False]

@@ -32,6 +32,19 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+def failure(reissuer: Reissuer, url: str, **send_options: int) -> ReissueError:
+    """The ReissueError one send to `url` ends with."""
+
+    async def go() -> ReissueError:
+        request = send_request(url)
+        with pytest.raises(ReissueError) as caught:
+            await reissuer.send(request, request.raw_content or b"", None, 10, **send_options)
+        await reissuer.aclose()
+        return caught.value
+
+    return run(go())
+
+
 def test_direct_transports_run_on_the_asyncio_backend():
     # If a new httpx builds its pool differently this fails, instead of the proxy silently
     # falling back to the slower anyio path.
@@ -70,7 +83,7 @@ def test_concurrent_sends_wait_for_a_free_connection(fake: FakeILink, pki: TestP
     async def go() -> tuple[list[int], int]:
         reissuer = trusting(pki)
         lanes = reissuer._lanes_for(None)
-        lanes._max_clients = 2  # a small cap, so three of the five must wait their turn
+        lanes._max_transports = 2  # a small cap, so three of the five must wait their turn
         request = send_request(fake.url)
         answers = await asyncio.gather(
             *(reissuer.send(request, request.raw_content or b"", None, 10) for _ in range(5))
@@ -91,7 +104,7 @@ def test_waiting_for_a_connection_past_the_deadline_was_never_sent(fake: FakeILi
 
     async def go() -> ReissueError:
         reissuer = trusting(pki)
-        reissuer._lanes_for(None)._max_clients = 1
+        reissuer._lanes_for(None)._max_transports = 1
         request = send_request(fake.url)
         slow = asyncio.ensure_future(reissuer.send(request, request.raw_content or b"", None, 10))
         await asyncio.sleep(0.2)
@@ -132,28 +145,11 @@ def test_a_connection_the_server_closed_is_not_reused(fake: FakeILink, pki: Test
 )
 def test_a_broken_answer_counts_as_sent(fake: FakeILink, pki: TestPKI, fault: str, sent: bool):
     fake.script(SEND, Answer(body=b'{"ret":0,"padding":"' + b"x" * 2000 + b'"}', fault=fault))
-
-    async def go() -> ReissueError:
-        reissuer = trusting(pki)
-        request = send_request(fake.url)
-        with pytest.raises(ReissueError) as caught:
-            await reissuer.send(request, request.raw_content or b"", None, 10)
-        await reissuer.aclose()
-        return caught.value
-
-    assert run(go()).sent is sent
+    assert failure(trusting(pki), fake.url).sent is sent
 
 
 def test_an_untrusted_certificate_is_never_sent(fake: FakeILink):
-    async def go() -> ReissueError:
-        reissuer = Reissuer(max_answer_bytes=1 << 20)  # certifi's roots: not the fake's CA
-        request = send_request(fake.url)
-        with pytest.raises(ReissueError) as caught:
-            await reissuer.send(request, request.raw_content or b"", None, 10)
-        await reissuer.aclose()
-        return caught.value
-
-    error = run(go())
+    error = failure(Reissuer(max_answer_bytes=1 << 20), fake.url)  # certifi's roots: not the fake's CA
     assert error.sent is False
     assert "certificate" in str(error).lower()
     assert fake.sends() == []
@@ -163,31 +159,13 @@ def test_a_refused_connection_is_never_sent():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
-
-    async def go() -> ReissueError:
-        reissuer = Reissuer(max_answer_bytes=1 << 20)
-        request = send_request(f"https://127.0.0.1:{port}")
-        with pytest.raises(ReissueError) as caught:
-            await reissuer.send(request, request.raw_content or b"", None, 10)
-        await reissuer.aclose()
-        return caught.value
-
-    error = run(go())
+    error = failure(Reissuer(max_answer_bytes=1 << 20), f"https://127.0.0.1:{port}")
     assert error.sent is False and "ConnectError" in str(error)
 
 
 def test_an_answer_over_the_cap_is_refused(fake: FakeILink, pki: TestPKI):
     fake.script(SEND, Answer(body=b'{"ret":0,"padding":"' + b"x" * 5000 + b'"}'))
-
-    async def go() -> ReissueError:
-        reissuer = trusting(pki)
-        request = send_request(fake.url)
-        with pytest.raises(ReissueError) as caught:
-            await reissuer.send(request, request.raw_content or b"", None, 10, max_bytes=1000)
-        await reissuer.aclose()
-        return caught.value
-
-    assert "larger than 1000 bytes" in str(run(go()))
+    assert "larger than 1000 bytes" in str(failure(trusting(pki), fake.url, max_bytes=1000))
 
 
 def test_lanes_lend_each_transport_to_one_request_and_close_returned_ones():
@@ -198,7 +176,7 @@ def test_lanes_lend_each_transport_to_one_request_and_close_returned_ones():
         return made[-1]
 
     async def go() -> None:
-        lanes = TransportLanes(make, max_clients=2, max_idle=1, idle_expiry=60)
+        lanes = TransportLanes(make, max_transports=2, max_idle=1, idle_expiry=60)
         a = await lanes.acquire()
         b = await lanes.acquire()
         assert a is not b and lanes.size == 2
@@ -232,7 +210,7 @@ def test_lanes_lend_each_transport_to_one_request_and_close_returned_ones():
 
 def test_idle_transports_expire():
     async def go() -> int:
-        lanes = TransportLanes(httpx.AsyncHTTPTransport, max_clients=4, max_idle=4, idle_expiry=0.05)
+        lanes = TransportLanes(httpx.AsyncHTTPTransport, max_transports=4, max_idle=4, idle_expiry=0.05)
         first = await lanes.acquire()
         lanes.release(first)
         await asyncio.sleep(0.1)

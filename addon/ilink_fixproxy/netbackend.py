@@ -15,11 +15,10 @@ inside TLS to the proxy) httpcore keeps its default backend.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import select
 import ssl
 import typing
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 import httpcore
 import httpx
@@ -28,15 +27,6 @@ import httpx
 _HAPPY_EYEBALLS_DELAY_S = 0.25
 # Writes smaller than this, together, wait for the next read (see AsyncioStream).
 _GATHER_WRITES_UP_TO = 64 * 1024
-
-
-@contextlib.asynccontextmanager
-async def _deadline(timeout: float | None) -> AsyncIterator[None]:
-    if timeout is None:  # the common case here: the caller's deadline bounds the whole exchange
-        yield
-    else:
-        async with asyncio.timeout(timeout):
-            yield
 
 
 def _why(e: BaseException) -> str:
@@ -59,9 +49,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         try:
             if self._unsent:
                 await self._flush(timeout)
-            if timeout is None:
-                return await self._reader.read(max_bytes)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # None (the usual: the caller bounds it all): no limit
                 return await self._reader.read(max_bytes)
         except TimeoutError as e:  # before OSError: TimeoutError is one
             raise httpcore.ReadTimeout(_why(e)) from e
@@ -89,7 +77,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._unsent.clear()
         self._unsent_bytes = 0
         self._writer.write(data)
-        async with _deadline(timeout):
+        async with asyncio.timeout(timeout):
             await self._writer.drain()
 
     async def aclose(self) -> None:
@@ -104,7 +92,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            async with _deadline(timeout):
+            async with asyncio.timeout(timeout):
                 await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
         except TimeoutError as e:
             self._writer.close()
@@ -148,7 +136,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            async with _deadline(timeout):
+            async with asyncio.timeout(timeout):
                 # asyncio sets TCP_NODELAY on TCP connections, as anyio does.
                 reader, writer = await asyncio.open_connection(
                     host,
@@ -172,7 +160,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            async with _deadline(timeout):
+            async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_unix_connection(path)
         except TimeoutError as e:
             raise httpcore.ConnectTimeout(_why(e)) from e

@@ -15,6 +15,7 @@ mitmproxy's own forwarding; a failed re-issue leaves the answer already received
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -111,7 +112,9 @@ class PeerTracker:
         # The bots' Authorization values, in memory only: deferred sends are stored without them
         # and delivered with the credentials of the bot's latest request.
         self._auth: dict[str, str] = {}
-        self._bots: dict[str, str] = {}  # Authorization -> its keyed hash (memory only, like _auth)
+        # Authorization -> its keyed hash: an HMAC per send is measurable, a proxy serves a handful
+        # of bots (memory only, like _auth).
+        self._bot_hash = functools.lru_cache(maxsize=10_000)(store.keyed_hash)
         self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
         self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
 
@@ -169,13 +172,7 @@ class PeerTracker:
                     self.outbox.on_inbound(q.bot, q.peer, self.fresh_token(q.bot, q.peer), auth)
 
     def bot_of(self, request: http.Request) -> str:
-        auth = request.headers.get("authorization", "")
-        bot = self._bots.get(auth)
-        if bot is None:  # an HMAC per send is measurable; a proxy serves a handful of bots
-            if len(self._bots) >= 10_000:
-                self._bots.clear()
-            bot = self._bots[auth] = self.store.keyed_hash(auth)
-        return bot
+        return self._bot_hash(request.headers.get("authorization", ""))
 
     def fresh_token(self, bot: str, peer: str | None) -> str | None:
         """The newest token seen for the peer, if the store still agrees it is the newest."""
@@ -462,7 +459,7 @@ class PeerTracker:
         if decision != "passed" or log.isEnabledFor(logging.DEBUG):
             summary_final = AnswerSummary.of(final.response.status_code, final.body).short()
             tokens = " -> ".join(_describe_token(a.token, send.token) for a in send.attempts)
-            if decision != "reissue-failed" and decision != "passed":
+            if decision not in ("passed", "reissue-failed"):
                 summary_first = AnswerSummary.of(first.response.status_code, first.body).short()
                 final.response.headers[HEADER] = (
                     f"{decision}; rule={send.rule.name}; attempts={len(send.attempts)}; tokens={tokens}; "

@@ -10,6 +10,7 @@ and, in upstream mode, the same upstream proxy. The answer's bytes are kept exac
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections import deque
@@ -39,8 +40,9 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-# Distinct request URLs whose parsed form is kept (a proxy sees a handful: iLink's endpoints).
-_URL_CACHE_SIZE = 256
+# Parsing a URL is a tenth of httpx's work per request, and a proxy sees the same few (iLink's
+# endpoints): keep the parsed forms.
+_parsed_url = functools.lru_cache(maxsize=256)(httpx.URL)
 
 # Upstream connections per upstream proxy: at most, kept idle, and how long an idle one is kept
 # (httpx's own defaults: 100, 20, 5 s).
@@ -90,12 +92,12 @@ class TransportLanes:
     def __init__(
         self,
         make_transport: Callable[[], httpx.AsyncHTTPTransport],
-        max_clients: int = MAX_CONNECTIONS,
+        max_transports: int = MAX_CONNECTIONS,
         max_idle: int = MAX_IDLE_CONNECTIONS,
         idle_expiry: float = IDLE_EXPIRY_S,
     ) -> None:
         self._make = make_transport
-        self._max_clients = max_clients
+        self._max_transports = max_transports
         self._max_idle = max_idle
         self._idle_expiry = idle_expiry
         self._idle: list[tuple[httpx.AsyncHTTPTransport, float]] = []  # a stack: the warmest on top
@@ -115,7 +117,7 @@ class TransportLanes:
         self._expire_idle()
         if self._idle:
             return self._idle.pop()[0]
-        if self._count < self._max_clients:
+        if self._count < self._max_transports:
             self._count += 1
             return self._make()
         waiter: asyncio.Future[httpx.AsyncHTTPTransport] = asyncio.get_running_loop().create_future()
@@ -183,7 +185,6 @@ class Reissuer:
         self._trust = UpstreamTrust()
         self._verify: ssl.SSLContext | bool = UpstreamTrust().ssl_context()
         self._lanes: dict[str | None, TransportLanes] = {}
-        self._urls: dict[str, httpx.URL] = {}
 
     def configure(self, trust: UpstreamTrust) -> None:
         """Adopt new TLS options; raises OSError/ssl.SSLError for unreadable CA files."""
@@ -225,15 +226,6 @@ class Reissuer:
             lanes = self._lanes[proxy] = TransportLanes(make_transport)
         return lanes
 
-    def _url(self, url: str) -> httpx.URL:
-        # Parsing a URL is a tenth of httpx's work per request, and a proxy sees the same few.
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) >= _URL_CACHE_SIZE:
-                self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
-        return parsed
-
     async def send(
         self,
         request: http.Request,
@@ -261,7 +253,7 @@ class Reissuer:
             async with asyncio.timeout(timeout):
                 # Exactly the gateway's headers; httpx adds only Content-Length (and Host if the
                 # gateway sent none). No timeout extension: the deadline above bounds it all.
-                req = httpx.Request(request.method, self._url(request.url), headers=headers, content=body)
+                req = httpx.Request(request.method, _parsed_url(request.url), headers=headers, content=body)
                 transport = await lanes.acquire()
                 answer = await transport.handle_async_request(req)
                 try:
