@@ -1,5 +1,5 @@
-"""The re-issue client in-process against the real fake iLink over TLS (its own CA): the httpx
-transports lent one request at a time, the asyncio network backend under them, and how every
+"""The re-issue client in-process against the real fake iLink over TLS (its own CA): the
+connections lent one request at a time, the asyncio network backend under them, and how every
 failure maps to "sent" or "certainly not sent" (which decides whether mitmproxy may forward it)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import json
 import socket
 import time
 
+import httpcore
 import httpx
 import pytest
 from conftest import HEADERS, SEND, send_body
-from ilink_fixproxy.netbackend import AsyncioBackend, use_asyncio_backend
-from ilink_fixproxy.reissue import ReissueError, Reissuer, TransportLanes, UpstreamTrust
+from ilink_fixproxy.reissue import Lanes, ReissueError, Reissuer, UpstreamTrust
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 from mitmproxy import http
 
@@ -45,14 +45,8 @@ def failure(reissuer: Reissuer, url: str, **send_options: int) -> ReissueError:
     return run(go())
 
 
-def test_direct_transports_run_on_the_asyncio_backend():
-    # If a new httpx builds its pool differently this fails, instead of the proxy silently
-    # falling back to the slower anyio path.
-    transport = httpx.AsyncHTTPTransport()
-    assert use_asyncio_backend(transport)
-    assert isinstance(transport._pool._network_backend, AsyncioBackend)
-    # through an upstream proxy the transport keeps httpcore's own backend
-    assert not use_asyncio_backend(httpx.AsyncHTTPTransport(proxy="http://127.0.0.1:9"))
+def lanes_to(reissuer: Reissuer, url: str) -> Lanes[httpcore.AsyncHTTPConnection]:
+    return reissuer.direct_lanes(httpcore.URL(url).origin)
 
 
 def test_sequential_sends_share_one_tls_connection(fake: FakeILink, pki: TestPKI):
@@ -63,7 +57,7 @@ def test_sequential_sends_share_one_tls_connection(fake: FakeILink, pki: TestPKI
         for _ in range(3):
             answer = await reissuer.send(request, request.raw_content or b"", None, 10)
             statuses.append(answer.status_code)
-        size = reissuer._lanes_for(None).size
+        size = lanes_to(reissuer, fake.url).size
         await reissuer.aclose()
         return statuses, size
 
@@ -82,8 +76,8 @@ def test_concurrent_sends_wait_for_a_free_connection(fake: FakeILink, pki: TestP
 
     async def go() -> tuple[list[int], int]:
         reissuer = trusting(pki)
-        lanes = reissuer._lanes_for(None)
-        lanes._max_transports = 2  # a small cap, so three of the five must wait their turn
+        lanes = lanes_to(reissuer, fake.url)
+        lanes._max_connections = 2  # a small cap, so three of the five must wait their turn
         request = send_request(fake.url)
         answers = await asyncio.gather(
             *(reissuer.send(request, request.raw_content or b"", None, 10) for _ in range(5))
@@ -104,7 +98,7 @@ def test_waiting_for_a_connection_past_the_deadline_was_never_sent(fake: FakeILi
 
     async def go() -> ReissueError:
         reissuer = trusting(pki)
-        reissuer._lanes_for(None)._max_transports = 1
+        lanes_to(reissuer, fake.url)._max_connections = 1
         request = send_request(fake.url)
         slow = asyncio.ensure_future(reissuer.send(request, request.raw_content or b"", None, 10))
         await asyncio.sleep(0.2)
@@ -168,7 +162,7 @@ def test_an_answer_over_the_cap_is_refused(fake: FakeILink, pki: TestPKI):
     assert "larger than 1000 bytes" in str(failure(trusting(pki), fake.url, max_bytes=1000))
 
 
-def test_lanes_lend_each_transport_to_one_request_and_close_returned_ones():
+def test_lanes_lend_each_connection_to_one_request_and_close_returned_ones():
     made: list[httpx.AsyncHTTPTransport] = []
 
     def make() -> httpx.AsyncHTTPTransport:
@@ -176,7 +170,7 @@ def test_lanes_lend_each_transport_to_one_request_and_close_returned_ones():
         return made[-1]
 
     async def go() -> None:
-        lanes = TransportLanes(make, max_transports=2, max_idle=1, idle_expiry=60)
+        lanes = Lanes(make, max_connections=2, max_idle=1, idle_expiry=60)
         a = await lanes.acquire()
         b = await lanes.acquire()
         assert a is not b and lanes.size == 2
@@ -208,9 +202,9 @@ def test_lanes_lend_each_transport_to_one_request_and_close_returned_ones():
     assert len(made) == 3  # a, b (closed when returned), and one more after b was gone
 
 
-def test_idle_transports_expire():
+def test_idle_connections_expire():
     async def go() -> int:
-        lanes = TransportLanes(httpx.AsyncHTTPTransport, max_transports=4, max_idle=4, idle_expiry=0.05)
+        lanes = Lanes(httpx.AsyncHTTPTransport, max_connections=4, max_idle=4, idle_expiry=0.05)
         first = await lanes.acquire()
         lanes.release(first)
         await asyncio.sleep(0.1)
@@ -222,3 +216,42 @@ def test_idle_transports_expire():
         return size
 
     assert run(go()) == 1
+
+
+def test_an_idle_connection_that_is_no_longer_reusable_is_replaced():
+    made: list[httpx.AsyncHTTPTransport] = []
+    broken: set[int] = set()
+
+    def make() -> httpx.AsyncHTTPTransport:
+        made.append(httpx.AsyncHTTPTransport())
+        return made[-1]
+
+    async def go() -> None:
+        lanes = Lanes(make, idle_expiry=60, reusable=lambda t: id(t) not in broken)
+        first = await lanes.acquire()
+        lanes.release(first)
+        assert await lanes.acquire() is first  # still good: lent again
+        lanes.release(first)
+        broken.add(id(first))
+        second = await lanes.acquire()  # first is closed and replaced
+        assert second is not first and lanes.size == 1
+        lanes.release(second)
+        await lanes.aclose()
+
+    run(go())
+    assert len(made) == 2
+
+
+def test_direct_connections_per_origin(fake: FakeILink, pki: TestPKI):
+    # one set of lanes per origin: a send to another host name of the same server opens its own
+    async def go() -> tuple[int, int]:
+        reissuer = trusting(pki)
+        for url in (fake.url, fake.url.replace("localhost", "127.0.0.1")):
+            request = send_request(url)
+            answer = await reissuer.send(request, request.raw_content or b"", None, 10)
+            assert answer.status_code == 200
+        sizes = lanes_to(reissuer, fake.url).size, len(reissuer._direct)
+        await reissuer.aclose()
+        return sizes
+
+    assert run(go()) == (1, 2)

@@ -8,8 +8,13 @@ httpcore's public ``AsyncNetworkBackend`` interface. There is no HTTP in here (h
 and writes the messages) and no TLS of our own (``asyncio`` and ``ssl`` do it); the class only
 moves bytes and turns socket errors into httpcore's exceptions, as httpcore's own backends do.
 
-Only direct connections use it: through an upstream proxy (TLS inside a CONNECT tunnel, perhaps
-inside TLS to the proxy) httpcore keeps its default backend.
+Only direct connections use it (``reissue.DirectConnection`` opens them through it): through an
+upstream proxy (TLS inside a CONNECT tunnel, perhaps inside TLS to the proxy) httpx's transport
+keeps httpcore's default backend.
+
+No ``asyncio.timeout`` when httpcore passes no timeout (the caller's deadline bounds the whole
+exchange): even an unlimited one costs a task lookup, and on Python 3.11 every lookup of the
+running loop is a getpid() system call.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import typing
 from collections.abc import Iterable
 
 import httpcore
-import httpx
 
 # Like anyio.connect_tcp: try the next address if the first has not connected within 250 ms.
 _HAPPY_EYEBALLS_DELAY_S = 0.25
@@ -49,7 +53,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         try:
             if self._unsent:
                 await self._flush(timeout)
-            async with asyncio.timeout(timeout):  # None (the usual: the caller bounds it all): no limit
+            if timeout is None:  # the usual (see the module docstring)
+                return await self._reader.read(max_bytes)
+            async with asyncio.timeout(timeout):
                 return await self._reader.read(max_bytes)
         except TimeoutError as e:  # before OSError: TimeoutError is one
             raise httpcore.ReadTimeout(_why(e)) from e
@@ -77,6 +83,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._unsent.clear()
         self._unsent_bytes = 0
         self._writer.write(data)
+        if timeout is None:
+            await self._writer.drain()
+            return
         async with asyncio.timeout(timeout):
             await self._writer.drain()
 
@@ -172,18 +181,4 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-_BACKEND = AsyncioBackend()
-
-
-def use_asyncio_backend(transport: httpx.AsyncHTTPTransport) -> bool:
-    """Point a direct (proxy-less) httpx transport at the asyncio backend; False if it cannot be.
-
-    httpx has no argument for httpcore's ``network_backend``, so this sets it on the pool the
-    transport made. If a future httpx builds its pool differently, the transport is left as it
-    is (slower, never wrong), and tests/test_reissue.py says so.
-    """
-    pool = getattr(transport, "_pool", None)
-    if type(pool) is not httpcore.AsyncConnectionPool or not hasattr(pool, "_network_backend"):
-        return False
-    pool._network_backend = _BACKEND
-    return True
+ASYNCIO_BACKEND = AsyncioBackend()

@@ -116,7 +116,8 @@ class PeerTracker:
         # of bots (memory only, like _auth).
         self._bot_hash = functools.lru_cache(maxsize=10_000)(store.keyed_hash)
         self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
-        self._inflight: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
+        # (bot, client_id) -> done when the send under way for it has finished (single flight)
+        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def close(self) -> None:
         self.store.close()
@@ -207,44 +208,51 @@ class PeerTracker:
         self.remember_auth(bot, flow.request)
         if key and (running := self._inflight.get(key)) is not None:
             await asyncio.shield(running)  # a retry of a message still on its way: wait for it
-        if client_id and peer and self.store.queued_id(bot, client_id) is not None:
-            return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, None)
+        # What the store knows about this send, looked up together (one transaction: see batch)
+        closable = peer and ps.on_closed in ("answer-locally", "defer")
+        with self.store.batch(write=False):
+            queued = self.store.queued_id(bot, client_id) if client_id and peer else None
+            msg = self.store.message(bot, client_id, since=now - ps.dedupe_s) if client_id else None
+            cooldown = self.store.cooldown(bot, now)
+            p = self.store.peer(bot, peer) if closable else None  # type: ignore[arg-type]
+        if queued is not None:
+            return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, None)  # type: ignore[arg-type]
         prior = 0
-        if key:
-            msg = self.store.message(bot, client_id, since=now - ps.dedupe_s)  # type: ignore[arg-type]
-            if msg and msg.accepted and msg.status is not None:
-                note = f"replayed; rule={rule.name}; iLink already accepted this client_id"
-                return Outcome(
-                    _local_response(msg.status, msg.body or b"", note, msg.headers), "replayed", accepted=True
+        if msg and msg.accepted and msg.status is not None:
+            note = f"replayed; rule={rule.name}; iLink already accepted this client_id"
+            return Outcome(
+                _local_response(msg.status, msg.body or b"", note, msg.headers), "replayed", accepted=True
+            )
+        if msg:
+            prior = msg.attempts
+            if prior >= ps.max_attempts and msg.status is not None:
+                note = (
+                    f"answered-locally; reason=attempts-used; rule={rule.name}; "
+                    f"attempts={prior}; answer={AnswerSummary.of(msg.status, msg.body).short()}"
                 )
-            if msg:
-                prior = msg.attempts
-                if prior >= ps.max_attempts and msg.status is not None:
-                    note = (
-                        f"answered-locally; reason=attempts-used; rule={rule.name}; "
-                        f"attempts={prior}; answer={AnswerSummary.of(msg.status, msg.body).short()}"
-                    )
-                    return Outcome(
-                        _local_response(msg.status, msg.body or b"", note, msg.headers), "answered-locally"
-                    )
-        if (cooldown := self.store.cooldown(bot, now)) is not None:
+                return Outcome(
+                    _local_response(msg.status, msg.body or b"", note, msg.headers), "answered-locally"
+                )
+        if cooldown is not None:
             note = f"answered-locally; reason=cooling-down; rule={rule.name}; for={cooldown.until - now:.0f}s"
             return Outcome(_local_response(cooldown.status, cooldown.body, note), "answered-locally")
-        if peer and ps.on_closed in ("answer-locally", "defer"):
-            p = self.store.peer(bot, peer)
-            if p and p.closed_until and p.closed_until > now and p.closed_status is not None:
-                if ps.on_closed == "defer":
-                    refusal = (p.closed_status, p.closed_body or b"")
-                    return self._deferred(
-                        rule, bot, peer, client_id, flow.request, flow.server_conn.via, refusal
-                    )
-                note = (
-                    f"answered-locally; reason=window-closed; rule={rule.name}; "
-                    f"until-inbound-or={p.closed_until - now:.0f}s"
+        if p and p.closed_until and p.closed_until > now and p.closed_status is not None:
+            if ps.on_closed == "defer":
+                refusal = (p.closed_status, p.closed_body or b"")
+                return self._deferred(
+                    rule,
+                    bot,
+                    peer,
+                    client_id,
+                    flow.request,
+                    flow.server_conn.via,
+                    refusal,  # type: ignore[arg-type]
                 )
-                return Outcome(
-                    _local_response(p.closed_status, p.closed_body or b"", note), "answered-locally"
-                )
+            note = (
+                f"answered-locally; reason=window-closed; rule={rule.name}; "
+                f"until-inbound-or={p.closed_until - now:.0f}s"
+            )
+            return Outcome(_local_response(p.closed_status, p.closed_body or b"", note), "answered-locally")
 
         send = _Send(
             rule=rule,
@@ -257,14 +265,19 @@ class PeerTracker:
             deadline=flow.request.timestamp_start + rule.action.deadline_s,
             budget=max(ps.max_attempts - prior, 0),
         )
-        task = asyncio.ensure_future(self._exchange(send))
+        # Run right here, in mitmproxy's hook task: mitmproxy never cancels a hook task when the
+        # gateway hangs up (it only abandons its own upstream exchange; proxy/server.py in 11.0
+        # and 12.3), so the exchange still completes and is recorded. A separate shielded task
+        # cost three more event-loop turns per send.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if key:
-            self._inflight[key] = task
-            task.add_done_callback(
-                lambda t: self._inflight.pop(key, None) if self._inflight.get(key) is t else None
-            )
-        # Shielded: if the gateway hangs up, the exchange still completes and is recorded.
-        return await asyncio.shield(task)
+            self._inflight[key] = done
+        try:
+            return await self._exchange(send)
+        finally:
+            if key and self._inflight.get(key) is done:
+                del self._inflight[key]
+            done.set_result(None)
 
     async def _exchange(self, send: _Send) -> Outcome:
         ps = send.rule.peer_state
@@ -421,38 +434,36 @@ class PeerTracker:
         first = send.attempts[0]
         failed = self._failed(send)
         now = time.time()
-        if send.reissue_failed and len(send.attempts) == 1:
-            decision = "reissue-failed"
-        elif not failed:
-            if len(send.attempts) > 1:
-                decision = "repaired"
-            if send.token and final.token != send.token and ps.remember_stale and decision != "stripped":
-                # ("stripped": the store already knew the token was stale, no need to say it again)
-                self.store.mark_stale(send.bot, self.store.keyed_hash(send.token), send.peer or "", now)
-            if send.peer:
-                self.store.open_window(send.bot, send.peer, now)
-        elif send.token is not None and final.token is None and send.peer:
-            # Even the tokenless send was refused: the peer's window is closed until it writes.
-            decision = "window-closed"
-            self.store.close_window(
-                send.bot, send.peer, now + ps.closed_for_s, final.response.status_code, final.body, now
-            )
-        else:
-            # Refused with no token from the gateway, or with a fresh one: a genuine rate limit.
-            decision = "rate-limited"
-            if self.store.count_limited(send.bot, now, ps.cooldown.within_s) >= ps.cooldown.after:
-                decision = "cooldown-started"
-                self.store.start_cooldown(
-                    send.bot, now + ps.cooldown.for_s, final.response.status_code, final.body, now
+        fields = final.response.headers.items(multi=True)
+        headers = [(k, v) for k, v in fields if k.lower() not in _STORED_HEADER_SKIP]
+        with self.store.batch(write=True):  # what this send taught us, in one commit
+            if send.reissue_failed and len(send.attempts) == 1:
+                decision = "reissue-failed"
+            elif not failed:
+                if len(send.attempts) > 1:
+                    decision = "repaired"
+                if send.token and final.token != send.token and ps.remember_stale and decision != "stripped":
+                    # ("stripped": the store already knew the token was stale, no need to say it again)
+                    self.store.mark_stale(send.bot, self.store.keyed_hash(send.token), send.peer or "", now)
+                if send.peer:
+                    self.store.open_window(send.bot, send.peer, now)
+            elif send.token is not None and final.token is None and send.peer:
+                # Even the tokenless send was refused: the peer's window is closed until it writes.
+                decision = "window-closed"
+                self.store.close_window(
+                    send.bot, send.peer, now + ps.closed_for_s, final.response.status_code, final.body, now
                 )
-        headers = [
-            (k, v)
-            for k, v in final.response.headers.items(multi=True)
-            if k.lower() not in _STORED_HEADER_SKIP
-        ]
-        self._record(
-            send, accepted=not failed, status=final.response.status_code, headers=headers, body=final.body
-        )
+            else:
+                # Refused with no token from the gateway, or with a fresh one: a genuine rate limit.
+                decision = "rate-limited"
+                if self.store.count_limited(send.bot, now, ps.cooldown.within_s) >= ps.cooldown.after:
+                    decision = "cooldown-started"
+                    self.store.start_cooldown(
+                        send.bot, now + ps.cooldown.for_s, final.response.status_code, final.body, now
+                    )
+            self._record(
+                send, accepted=not failed, status=final.response.status_code, headers=headers, body=final.body
+            )
 
         # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy
         # did; and nothing is worked out for a line nobody will see.

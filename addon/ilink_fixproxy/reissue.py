@@ -14,14 +14,16 @@ import functools
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import certifi
+import httpcore
 import httpx
 from mitmproxy import http
 
-from .netbackend import use_asyncio_backend
+from .netbackend import ASYNCIO_BACKEND
 
 # Headers that describe the connection or the framing of the old body, not the request itself.
 _HOP_BY_HOP = frozenset(
@@ -44,11 +46,35 @@ _HOP_BY_HOP = frozenset(
 # endpoints): keep the parsed forms.
 _parsed_url = functools.lru_cache(maxsize=256)(httpx.URL)
 
-# Upstream connections per upstream proxy: at most, kept idle, and how long an idle one is kept
-# (httpx's own defaults: 100, 20, 5 s).
+
+@functools.lru_cache(maxsize=256)
+def _core_target(url: httpx.URL) -> tuple[httpcore.Origin, httpcore.URL]:
+    """The connection a URL needs and the URL as httpcore takes it (httpx's own mapping)."""
+    core_url = httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path)
+    return core_url.origin, core_url
+
+
+# Upstream connections per upstream (origin or upstream proxy): at most, kept idle, and how long
+# an idle one is kept (httpx's own defaults: 100, 20, 5 s).
 MAX_CONNECTIONS = 100
 MAX_IDLE_CONNECTIONS = 20
 IDLE_EXPIRY_S = 5.0
+
+# Failures that certainly happened before any byte of the request left: the TCP or TLS
+# connection could not be made, or (a lent connection found closed) it was never written to.
+_NOT_SENT_CORE = (
+    httpcore.ConnectError,
+    httpcore.ConnectTimeout,
+    httpcore.UnsupportedProtocol,
+    httpcore.ConnectionNotAvailable,
+)
+_CORE_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ProxyError,
+    *_NOT_SENT_CORE,
+)
 
 
 class ReissueError(Exception):
@@ -71,56 +97,75 @@ class UpstreamTrust:
     ca_file: str | None = None
     ca_dir: str | None = None
 
-    def ssl_context(self) -> ssl.SSLContext | bool:
+    def ssl_context(self) -> ssl.SSLContext:
         if self.insecure:
-            return False
-        cafile = self.ca_file or (None if self.ca_dir else certifi.where())
-        return ssl.create_default_context(cafile=cafile, capath=self.ca_dir)
+            # like mitmproxy's ssl_insecure (and httpx's verify=False): encrypted, nothing checked
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            cafile = self.ca_file or (None if self.ca_dir else certifi.where())
+            context = ssl.create_default_context(cafile=cafile, capath=self.ca_dir)
+        # HTTP/1.1 only, like mitmproxy's own upstream connections to iLink
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
 
-class TransportLanes:
-    """httpx transports with one connection each, lent out for one request at a time.
+class Closeable(Protocol):
+    async def aclose(self) -> None: ...
 
-    Why not one transport with a pool of connections: httpcore's pool rescans all its
-    connections several times per request (quadratic in their number, and every HTTP/1.1 request
-    that finds its connection taken goes round again: encode/httpcore#1035, still open in
-    1.0.9). With 16 sends in flight that bookkeeping cost more CPU than mitmproxy's whole
-    forwarding of a send. A transport that owns a single connection has nothing to scan; this
-    class only decides which idle one a request borrows, the HTTP and TLS stay httpx's.
+
+C = TypeVar("C", bound=Closeable)
+
+
+class Lanes(Generic[C]):
+    """Connections (or one-connection conns) lent out for one request at a time.
+
+    Why not a pool: httpcore's pool rescans all its connections several times per request
+    (quadratic in their number, and every HTTP/1.1 request that finds its connection taken goes
+    round again: encode/httpcore#1035, still open in 1.0.9). With 16 sends in flight that
+    bookkeeping cost more CPU than mitmproxy's whole forwarding of a send. This class only
+    decides which idle connection a request borrows; the HTTP and TLS stay httpcore's.
+    `reusable` says whether an idle one may serve again (not closed by the server, say).
     """
 
     def __init__(
         self,
-        make_transport: Callable[[], httpx.AsyncHTTPTransport],
-        max_transports: int = MAX_CONNECTIONS,
+        make: Callable[[], C],
+        max_connections: int = MAX_CONNECTIONS,
         max_idle: int = MAX_IDLE_CONNECTIONS,
         idle_expiry: float = IDLE_EXPIRY_S,
+        reusable: Callable[[C], bool] = lambda _: True,
     ) -> None:
-        self._make = make_transport
-        self._max_transports = max_transports
+        self._make = make
+        self._reusable = reusable
+        self._max_connections = max_connections
         self._max_idle = max_idle
         self._idle_expiry = idle_expiry
-        self._idle: list[tuple[httpx.AsyncHTTPTransport, float]] = []  # a stack: the warmest on top
-        self._waiters: deque[asyncio.Future[httpx.AsyncHTTPTransport]] = deque()
+        self._idle: list[tuple[C, float]] = []  # a stack: the warmest on top
+        self._waiters: deque[asyncio.Future[C]] = deque()
         self._count = 0
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def size(self) -> int:
-        """Transports that exist now, lent out or idle."""
+        """Connections that exist now, lent out or idle."""
         return self._count
 
-    async def acquire(self) -> httpx.AsyncHTTPTransport:
+    async def acquire(self) -> C:
         if self._closed:
             raise ReissueError("the re-issue client is closed", sent=False)
         self._expire_idle()
-        if self._idle:
-            return self._idle.pop()[0]
-        if self._count < self._max_transports:
+        while self._idle:
+            idle = self._idle.pop()[0]
+            if self._reusable(idle):
+                return idle
+            self._discard(idle)
+        if self._count < self._max_connections:
             self._count += 1
             return self._make()
-        waiter: asyncio.Future[httpx.AsyncHTTPTransport] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             return await waiter
@@ -129,26 +174,26 @@ class TransportLanes:
                 self.release(waiter.result())  # handed over just as we were cancelled: pass it on
             raise
 
-    def release(self, transport: httpx.AsyncHTTPTransport) -> None:
+    def release(self, conn: C) -> None:
         if self._closed:
-            self._discard(transport)
+            self._discard(conn)
             return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(transport)
+                waiter.set_result(conn)
                 return
         if len(self._idle) < self._max_idle:
-            self._idle.append((transport, time.monotonic()))
+            self._idle.append((conn, time.monotonic()))
         else:
-            self._discard(transport)
+            self._discard(conn)
 
     def close(self) -> None:
-        """Close idle transports now and lent ones when they come back (no await needed)."""
+        """Close idle connections now and lent ones when they come back (no await needed)."""
         self._closed = True
         idle, self._idle = self._idle, []
-        for transport, _ in idle:
-            self._discard(transport)
+        for conn, _ in idle:
+            self._discard(conn)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -160,70 +205,84 @@ class TransportLanes:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _expire_idle(self) -> None:
-        # The coldest idle transport sits at the bottom of the stack; one unused for a while holds
+        # The coldest idle connection sits at the bottom of the stack; one unused for a while holds
         # a connection the upstream has probably closed: let it go.
         deadline = time.monotonic() - self._idle_expiry
         while self._idle and self._idle[0][1] < deadline:
             self._discard(self._idle.pop(0)[0])
 
-    def _discard(self, transport: httpx.AsyncHTTPTransport) -> None:
+    def _discard(self, conn: C) -> None:
         self._count -= 1
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop: nothing was ever sent on it, nothing to flush
-        task = loop.create_task(transport.aclose())
+        task = loop.create_task(conn.aclose())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
 
 class Reissuer:
-    """Sends requests upstream with httpx, one set of lanes per upstream proxy (usually just one)."""
+    """Sends requests upstream: httpx builds each request, httpcore (httpx's engine) carries it on
+    a connection lent to it alone (`Lanes`): one set of lanes per origin for direct connections,
+    one httpx transport per lane through an upstream proxy."""
 
     def __init__(self, max_answer_bytes: int) -> None:
         self.max_answer_bytes = max_answer_bytes
         self._trust = UpstreamTrust()
-        self._verify: ssl.SSLContext | bool = UpstreamTrust().ssl_context()
-        self._lanes: dict[str | None, TransportLanes] = {}
+        self._ssl_context = self._trust.ssl_context()
+        # keyed by (scheme, host, port): httpcore.Origin compares by value but cannot be hashed
+        self._direct: dict[tuple[bytes, bytes, int], Lanes[DirectConnection]] = {}
+        self._proxied: dict[str, Lanes[httpx.AsyncHTTPTransport]] = {}
 
     def configure(self, trust: UpstreamTrust) -> None:
         """Adopt new TLS options; raises OSError/ssl.SSLError for unreadable CA files."""
         if trust == self._trust:
             return
-        self._verify = trust.ssl_context()
+        self._ssl_context = trust.ssl_context()
         self._trust = trust
         self.close_clients()
 
+    def _all_lanes(self) -> list[Lanes]:  # type: ignore[type-arg]
+        lanes: list[Lanes] = [*self._direct.values(), *self._proxied.values()]  # type: ignore[type-arg]
+        self._direct, self._proxied = {}, {}
+        return lanes
+
     def close_clients(self) -> None:
-        lanes, self._lanes = self._lanes, {}
-        for lane in lanes.values():
-            lane.close()
+        for lanes in self._all_lanes():
+            lanes.close()
 
     async def aclose(self) -> None:
-        lanes, self._lanes = self._lanes, {}
-        for lane in lanes.values():
-            await lane.aclose()
+        for lanes in self._all_lanes():
+            await lanes.aclose()
 
-    def _lanes_for(self, proxy: str | None) -> TransportLanes:
-        lanes = self._lanes.get(proxy)
+    def direct_lanes(self, origin: httpcore.Origin) -> Lanes[DirectConnection]:
+        key = (origin.scheme, origin.host, origin.port)
+        lanes = self._direct.get(key)
         if lanes is None:
-            verify = self._verify
+            context = self._ssl_context
+            lanes = self._direct[key] = Lanes(
+                lambda: DirectConnection(origin, context), reusable=DirectConnection.reusable
+            )
+        return lanes
+
+    def proxied_lanes(self, proxy: str) -> Lanes[httpx.AsyncHTTPTransport]:
+        lanes = self._proxied.get(proxy)
+        if lanes is None:
+            context = self._ssl_context
 
             def make_transport() -> httpx.AsyncHTTPTransport:
                 # A transport, not a Client: a Client adds default headers we would have to take
                 # out again, a cookie jar and redirect handling we must not have (the gateway
-                # gets iLink's answer as it came), and costs a fifth of a send's CPU doing so.
-                transport = httpx.AsyncHTTPTransport(
-                    verify=verify,
+                # gets iLink's answer as it came).
+                return httpx.AsyncHTTPTransport(
+                    verify=context,
                     proxy=proxy,
                     trust_env=False,  # HTTPS_PROXY, SSL_CERT_FILE... often point at this very proxy
                     limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
                 )
-                if proxy is None:
-                    use_asyncio_backend(transport)
-                return transport
 
-            lanes = self._lanes[proxy] = TransportLanes(make_transport)
+            lanes = self._proxied[proxy] = Lanes(make_transport)
         return lanes
 
     async def send(
@@ -245,42 +304,38 @@ class Reissuer:
         headers = [
             (k, v) for k, v in request.headers.fields if k.decode("latin-1").lower() not in _HOP_BY_HOP
         ]
-        proxy = f"{via[0]}://{via[1][0]}:{via[1][1]}" if via else None
-        lanes = self._lanes_for(proxy)
+        url = _parsed_url(request.url)
+        lanes: Lanes  # type: ignore[type-arg]
+        if via is None:
+            origin, core_url = _core_target(url)
+            lanes = self.direct_lanes(origin)
+        else:
+            lanes = self.proxied_lanes(f"{via[0]}://{via[1][0]}:{via[1][1]}")
         started = time.time()
-        transport: httpx.AsyncHTTPTransport | None = None
+        conn = None
         try:
             async with asyncio.timeout(timeout):
                 # Exactly the gateway's headers; httpx adds only Content-Length (and Host if the
                 # gateway sent none). No timeout extension: the deadline above bounds it all.
-                req = httpx.Request(request.method, _parsed_url(request.url), headers=headers, content=body)
-                transport = await lanes.acquire()
-                answer = await transport.handle_async_request(req)
-                try:
-                    raw = bytearray()
-                    async for chunk in answer.stream:
-                        raw += chunk
-                        if len(raw) > limit:
-                            raise ReissueError(f"answer larger than {limit} bytes")
-                finally:
-                    await answer.aclose()
+                req = httpx.Request(request.method, url, headers=headers, content=body)
+                conn = await lanes.acquire()
+                if via is None:
+                    answer = await _exchange_direct(conn, core_url, req, body, limit)
+                else:
+                    answer = await _exchange_proxied(conn, req, limit)
         except TimeoutError:
             # Still waiting for a free connection means nothing was sent.
-            raise ReissueError(f"no answer within {timeout:.1f} s", sent=transport is not None) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
-            raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=False) from None
-        except httpx.HTTPError as e:
-            raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}") from None
+            raise ReissueError(f"no answer within {timeout:.1f} s", sent=conn is not None) from None
         finally:
-            if transport is not None:
-                lanes.release(transport)
-
-        fields = [(k, v) for k, v in answer.headers.raw if k.decode("latin-1").lower() not in _HOP_BY_HOP]
+            if conn is not None:
+                lanes.release(conn)
+        status, reason, version, fields, raw = answer
+        fields = [(k, v) for k, v in fields if k.decode("latin-1").lower() not in _HOP_BY_HOP]
         fields.append((b"content-length", str(len(raw)).encode()))
         response = http.Response(
-            http_version=answer.http_version.encode("ascii", "replace"),
-            status_code=answer.status_code,
-            reason=answer.reason_phrase.encode("ascii", "replace"),
+            http_version=version,
+            status_code=status,
+            reason=reason,
             headers=tuple(fields),
             content=None,
             trailers=None,
@@ -289,3 +344,108 @@ class Reissuer:
         )
         response.raw_content = bytes(raw)
         return response
+
+
+# status, reason, HTTP version, header fields, body
+_Answer = tuple[int, bytes, bytes, list[tuple[bytes, bytes]], bytearray]
+
+
+class DirectConnection:
+    """One HTTP/1.1 connection straight to an origin, opened by its first request.
+
+    httpcore's own ``AsyncHTTPConnection`` does the same plus what we never use (HTTP/2, Unix
+    sockets, connect retries, tracing), behind one more anyio lock: each of those costs an
+    event-loop turn and, on Python 3.11, a getpid() system call per lock operation. The HTTP is
+    httpcore's ``AsyncHTTP11Connection`` (h11), the TLS is ``ssl``'s, the sockets are asyncio's.
+    """
+
+    def __init__(self, origin: httpcore.Origin, ssl_context: ssl.SSLContext) -> None:
+        self._origin = origin
+        self._ssl_context = ssl_context
+        self._http: httpcore.AsyncHTTP11Connection | None = None
+        self._failed = False
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        if self._http is None:
+            try:
+                stream = await self._connect()
+            except BaseException:
+                self._failed = True
+                raise
+            self._http = httpcore.AsyncHTTP11Connection(self._origin, stream)
+        return await self._http.handle_async_request(request)
+
+    async def _connect(self) -> httpcore.AsyncNetworkStream:
+        host = self._origin.host.decode("ascii")
+        stream = await ASYNCIO_BACKEND.connect_tcp(host, self._origin.port)
+        if self._origin.scheme == b"https":
+            # SNI and certificate checks for the origin's name, as httpcore does (ALPN offers
+            # http/1.1 only: see UpstreamTrust.ssl_context)
+            stream = await stream.start_tls(self._ssl_context, server_hostname=host)
+        return stream
+
+    def reusable(self) -> bool:
+        """Whether it may carry another request: not failed or closed, and the server did not
+        hang up while it sat idle (httpcore looks for anything readable on an idle socket)."""
+        if self._http is None:
+            return not self._failed
+        return not self._http.is_closed() and not self._http.has_expired()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+
+async def _read_capped(stream: AsyncIterable[bytes], limit: int) -> bytearray:
+    raw = bytearray()
+    async for chunk in stream:
+        raw += chunk
+        if len(raw) > limit:
+            raise ReissueError(f"answer larger than {limit} bytes")
+    return raw
+
+
+async def _exchange_direct(
+    conn: DirectConnection, url: httpcore.URL, req: httpx.Request, body: bytes, limit: int
+) -> _Answer:
+    # What httpx's transport does with a request, minus its pool (see Lanes).
+    core_req = httpcore.Request(req.method, url, headers=req.headers.raw, content=body)
+    try:
+        answer = await conn.handle_async_request(core_req)
+        try:
+            raw = await _read_capped(answer.stream, limit)  # type: ignore[arg-type]
+        finally:
+            await answer.aclose()
+    # (httpx re-raises each httpcore error as its namesake: messages read the same on both paths)
+    except _NOT_SENT_CORE as e:
+        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=False) from None
+    except _CORE_ERRORS as e:
+        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}") from None
+    ext = answer.extensions
+    return (
+        answer.status,
+        ext.get("reason_phrase", b""),
+        ext.get("http_version", b"HTTP/1.1"),
+        answer.headers,
+        raw,
+    )
+
+
+async def _exchange_proxied(transport: httpx.AsyncHTTPTransport, req: httpx.Request, limit: int) -> _Answer:
+    try:
+        answer = await transport.handle_async_request(req)
+        try:
+            raw = await _read_capped(answer.stream, limit)  # type: ignore[arg-type]
+        finally:
+            await answer.aclose()
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=False) from None
+    except httpx.HTTPError as e:
+        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}") from None
+    return (
+        answer.status_code,
+        answer.reason_phrase.encode("ascii", "replace"),
+        answer.http_version.encode("ascii", "replace"),
+        answer.headers.raw,
+        raw,
+    )
