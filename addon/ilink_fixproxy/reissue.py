@@ -14,7 +14,7 @@ import functools
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -396,13 +396,24 @@ class DirectConnection:
             await self._http.aclose()
 
 
-async def _read_capped(stream: AsyncIterable[bytes], limit: int) -> bytearray:
-    raw = bytearray()
-    async for chunk in stream:
-        raw += chunk
-        if len(raw) > limit:
-            raise ReissueError(f"answer larger than {limit} bytes")
-    return raw
+async def _read_all(
+    stream: AsyncIterable[bytes], aclose: Callable[[], Awaitable[None]], limit: int
+) -> bytearray:
+    """The answer's body, refused past `limit` bytes; the answer is closed either way."""
+    try:
+        raw = bytearray()
+        async for chunk in stream:
+            raw += chunk
+            if len(raw) > limit:
+                raise ReissueError(f"answer larger than {limit} bytes")
+        return raw
+    finally:
+        await aclose()
+
+
+def _failed(e: Exception, *, sent: bool) -> ReissueError:
+    # (httpx re-raises each httpcore error as its namesake: messages read the same on both paths)
+    return ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=sent)
 
 
 async def _exchange_direct(
@@ -412,40 +423,22 @@ async def _exchange_direct(
     core_req = httpcore.Request(req.method, url, headers=req.headers.raw, content=body)
     try:
         answer = await conn.handle_async_request(core_req)
-        try:
-            raw = await _read_capped(answer.stream, limit)  # type: ignore[arg-type]
-        finally:
-            await answer.aclose()
-    # (httpx re-raises each httpcore error as its namesake: messages read the same on both paths)
+        raw = await _read_all(answer.stream, answer.aclose, limit)  # type: ignore[arg-type]
     except _NOT_SENT_CORE as e:
-        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=False) from None
+        raise _failed(e, sent=False) from None
     except _CORE_ERRORS as e:
-        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}") from None
-    ext = answer.extensions
-    return (
-        answer.status,
-        ext.get("reason_phrase", b""),
-        ext.get("http_version", b"HTTP/1.1"),
-        answer.headers,
-        raw,
-    )
+        raise _failed(e, sent=True) from None
+    reason, version = answer.extensions.get("reason_phrase", b""), answer.extensions.get("http_version", b"")
+    return answer.status, reason, version or b"HTTP/1.1", answer.headers, raw
 
 
 async def _exchange_proxied(transport: httpx.AsyncHTTPTransport, req: httpx.Request, limit: int) -> _Answer:
     try:
         answer = await transport.handle_async_request(req)
-        try:
-            raw = await _read_capped(answer.stream, limit)  # type: ignore[arg-type]
-        finally:
-            await answer.aclose()
+        raw = await _read_all(answer.stream, answer.aclose, limit)  # type: ignore[arg-type]
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
-        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=False) from None
+        raise _failed(e, sent=False) from None
     except httpx.HTTPError as e:
-        raise ReissueError(f"{type(e).__name__}: {e or 'connection failed'}") from None
-    return (
-        answer.status_code,
-        answer.reason_phrase.encode("ascii", "replace"),
-        answer.http_version.encode("ascii", "replace"),
-        answer.headers.raw,
-        raw,
-    )
+        raise _failed(e, sent=True) from None
+    reason = answer.reason_phrase.encode("ascii", "replace")
+    return answer.status_code, reason, answer.http_version.encode("ascii", "replace"), answer.headers.raw, raw
