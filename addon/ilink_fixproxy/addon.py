@@ -182,6 +182,7 @@ class IlinkFixProxy:
             if self.tracker is None:
                 continue
             try:
+                self.tracker.write_back()  # (normally done by then: see response and error)
                 self.tracker.outbox.expire(time.time())
                 self.tracker.flush_requested()
             except Exception as e:  # keep going: one bad round must not end housekeeping
@@ -295,7 +296,7 @@ class IlinkFixProxy:
         rule, doc = picked
         try:
             self._in_flight += 1
-            outcome = await self.tracker.handle(flow, rule, doc)
+            outcome = await self.tracker.handle(flow, rule, doc, write_back_later=True)
         except Exception as e:  # never worse than no proxy: mitmproxy forwards it as usual
             log.warning(
                 f"{_endpoint(flow)}: peer-state handling failed, forwarding as is: {type(e).__name__}: {e}"
@@ -333,6 +334,10 @@ class IlinkFixProxy:
                 log.warning(f"getupdates: could not record inbound messages: {type(e).__name__}: {e}")
             return
         if flow.metadata.get("ilink_fixproxy", {}).get("handled"):
+            if self.tracker is not None:
+                # mitmproxy writes the answer to the gateway as soon as this hook returns; store
+                # what the send taught us right after that (see PeerTracker.handle)
+                asyncio.get_running_loop().call_soon(self.tracker.write_back, flow.id)
             return
         selected = self._selected(flow)
         if selected is None:
@@ -348,6 +353,10 @@ class IlinkFixProxy:
             )
         finally:
             self._in_flight -= 1
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if self.tracker is not None:
+            self.tracker.write_back(flow.id)  # a send answered but never delivered: still stored
 
     # ------------------------------------------------------------------ helpers
 

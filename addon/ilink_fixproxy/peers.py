@@ -56,6 +56,12 @@ class Outcome:
     decision: str
     accepted: bool = False
     trace: tuple[dict[str, Any], ...] = ()  # one entry per upstream attempt (see attempt_record)
+    # What the send taught us, still to be stored (PeerTracker.handle's write_back_later)
+    record: Callable[[], None] | None = None
+
+
+# Outcome.record, the send's single-flight key and its done future (see PeerTracker.handle)
+_Unwritten = tuple[Callable[[], None], tuple[str, str] | None, asyncio.Future[None]]
 
 
 @dataclass
@@ -118,12 +124,39 @@ class PeerTracker:
         self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
         # (bot, client_id) -> done when the send under way for it has finished (single flight)
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        # flow id -> (record, single-flight key, its done future): answered, not yet stored
+        self._unwritten: dict[
+            str, tuple[Callable[[], None], tuple[str, str] | None, asyncio.Future[None]]
+        ] = {}
 
     def close(self) -> None:
+        self.write_back()
         self.store.close()
 
     def busy(self) -> bool:
-        return bool(self._inflight) or bool(self.outbox._tasks)
+        return bool(self._inflight) or bool(self._unwritten) or bool(self.outbox._tasks)
+
+    def write_back(self, flow_id: str | None = None) -> None:
+        """Store what answered sends taught us (see handle): `flow_id`'s, or every one pending."""
+        if flow_id is None:
+            pending, self._unwritten = list(self._unwritten.values()), {}
+        elif (one := self._unwritten.pop(flow_id, None)) is not None:
+            pending = [one]
+        else:
+            return
+        for record, key, done in pending:
+            try:
+                record()
+            except Exception as e:  # the gateway has its answer; only our memory of it is lost
+                log.warning(f"peer state: could not record a send: {type(e).__name__}: {e}")
+            finally:
+                self._settle(key, done)
+
+    def _settle(self, key: tuple[str, str] | None, done: asyncio.Future[None]) -> None:
+        if key and self._inflight.get(key) is done:
+            del self._inflight[key]
+        if not done.done():
+            done.set_result(None)
 
     # ------------------------------------------------------------------ learning from getupdates
 
@@ -187,7 +220,13 @@ class PeerTracker:
 
     # ------------------------------------------------------------------ a send
 
-    async def handle(self, flow: http.HTTPFlow, rule: Rule, doc: dict[str, Any]) -> Outcome:
+    async def handle(
+        self, flow: http.HTTPFlow, rule: Rule, doc: dict[str, Any], *, write_back_later: bool = False
+    ) -> Outcome:
+        """Deliver one sendmessage, repairing it if it fails. With `write_back_later` what it
+        taught us is stored only at write_back(flow.id): the addon calls that once the answer
+        is on its way to the gateway, so the store's commit is not part of the send's latency.
+        Until then a retry of the same client_id waits, as for a send still under way."""
         ps = rule.peer_state
         assert ps is not None
         now = time.time()
@@ -272,12 +311,17 @@ class PeerTracker:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if key:
             self._inflight[key] = done
+        outcome = None
         try:
-            return await self._exchange(send)
+            outcome = await self._exchange(send)
+            return outcome
         finally:
-            if key and self._inflight.get(key) is done:
-                del self._inflight[key]
-            done.set_result(None)
+            if outcome is not None and outcome.record is not None:
+                self._unwritten[flow.id] = (outcome.record, key, done)
+                if not write_back_later:
+                    self.write_back(flow.id)
+            else:
+                self._settle(key, done)
 
     async def _exchange(self, send: _Send) -> Outcome:
         ps = send.rule.peer_state
@@ -332,7 +376,7 @@ class PeerTracker:
                 send.via,
                 (final.response.status_code, final.body),
             )
-            return Outcome(deferred.response, deferred.decision, trace=outcome.trace)
+            return Outcome(deferred.response, deferred.decision, trace=outcome.trace, record=outcome.record)
         return outcome
 
     def _deferred(
@@ -436,34 +480,43 @@ class PeerTracker:
         now = time.time()
         fields = final.response.headers.items(multi=True)
         headers = [(k, v) for k, v in fields if k.lower() not in _STORED_HEADER_SKIP]
-        with self.store.batch(write=True):  # what this send taught us, in one commit
-            if send.reissue_failed and len(send.attempts) == 1:
-                decision = "reissue-failed"
-            elif not failed:
-                if len(send.attempts) > 1:
-                    decision = "repaired"
-                if send.token and final.token != send.token and ps.remember_stale and decision != "stripped":
-                    # ("stripped": the store already knew the token was stale, no need to say it again)
-                    self.store.mark_stale(send.bot, self.store.keyed_hash(send.token), send.peer or "", now)
-                if send.peer:
-                    self.store.open_window(send.bot, send.peer, now)
-            elif send.token is not None and final.token is None and send.peer:
-                # Even the tokenless send was refused: the peer's window is closed until it writes.
-                decision = "window-closed"
-                self.store.close_window(
-                    send.bot, send.peer, now + ps.closed_for_s, final.response.status_code, final.body, now
-                )
-            else:
-                # Refused with no token from the gateway, or with a fresh one: a genuine rate limit.
-                decision = "rate-limited"
-                if self.store.count_limited(send.bot, now, ps.cooldown.within_s) >= ps.cooldown.after:
+        store = self.store
+        writes: list[Callable[[], object]] = []  # what this send taught us (see handle)
+        if send.reissue_failed and len(send.attempts) == 1:
+            decision = "reissue-failed"
+        elif not failed:
+            if len(send.attempts) > 1:
+                decision = "repaired"
+            if send.token and final.token != send.token and ps.remember_stale and decision != "stripped":
+                # ("stripped": the store already knew the token was stale, no need to say it again)
+                stale = store.keyed_hash(send.token)
+                writes.append(functools.partial(store.mark_stale, send.bot, stale, send.peer or "", now))
+            if send.peer:
+                writes.append(functools.partial(store.open_window, send.bot, send.peer, now))
+        elif send.token is not None and final.token is None and send.peer:
+            # Even the tokenless send was refused: the peer's window is closed until it writes.
+            decision = "window-closed"
+            until = now + ps.closed_for_s
+            status = final.response.status_code
+            writes.append(
+                functools.partial(store.close_window, send.bot, send.peer, until, status, final.body, now)
+            )
+        else:
+            # Refused with no token from the gateway, or with a fresh one: a genuine rate limit.
+            # (Stored now: whether it starts a cooldown is part of the answer.)
+            decision = "rate-limited"
+            with store.batch(write=True):
+                if store.count_limited(send.bot, now, ps.cooldown.within_s) >= ps.cooldown.after:
                     decision = "cooldown-started"
-                    self.store.start_cooldown(
+                    store.start_cooldown(
                         send.bot, now + ps.cooldown.for_s, final.response.status_code, final.body, now
                     )
-            self._record(
-                send, accepted=not failed, status=final.response.status_code, headers=headers, body=final.body
+        status = final.response.status_code
+        writes.append(
+            functools.partial(
+                self._record, send, accepted=not failed, status=status, headers=headers, body=final.body
             )
+        )
 
         # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy
         # did; and nothing is worked out for a line nobody will see.
@@ -481,7 +534,18 @@ class PeerTracker:
                 f"with context_token {token_hash(send.token)}: {len(send.attempts)} attempt(s) [{tokens}]: "
                 f"{summary_final}"
             )
-        return Outcome(final.response, decision, accepted=not failed, trace=tuple(send.trace))
+        return Outcome(
+            final.response,
+            decision,
+            accepted=not failed,
+            trace=tuple(send.trace),
+            record=functools.partial(self._store_all, tuple(writes)),
+        )
+
+    def _store_all(self, writes: tuple[Callable[[], object], ...]) -> None:
+        with self.store.batch(write=True):  # one commit
+            for write in writes:
+                write()
 
     def _record(
         self, send: _Send, *, accepted: bool, status: int, headers: list[tuple[str, str]], body: bytes
