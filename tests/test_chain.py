@@ -198,3 +198,18 @@ def test_the_command_honours_save_stream_file_flow_detail_and_proxyauth(
     ):
         r = c.get("http://example.invalid/")
     assert r.status_code == 407
+
+
+def test_onboarding_leaves_the_dispatch_only_where_no_request_can_ask_for_it(lean: master.Master):
+    assert "Onboarding" in flattened(lean)  # regular (forward) mode: mitm.it serves the CA
+    lean.options.update(mode=["reverse:https://ilinkai.weixin.qq.com"])
+    assert "Onboarding" not in flattened(lean)  # mitmproxy rewrites Host to the upstream's
+    assert lean.addons.get("onboarding") is not None and lean.options.onboarding_host == "mitm.it"
+    lean.options.update(onboarding_host="ca.example")
+    lean.options.update(keep_host_header=True)  # now a request's Host is the client's again
+    order = flattened(lean)
+    assert "Onboarding" in order
+    assert order.index("DisableH2C") < order.index("Onboarding") < order.index("Proxyserver")
+    assert lean.addons.get("onboarding").host == "ca.example"  # configured with what it missed
+    lean.options.update(keep_host_header=False, onboarding=False)
+    assert "Onboarding" not in flattened(lean)

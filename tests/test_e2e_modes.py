@@ -63,6 +63,21 @@ def test_forward_mode_tunnels_other_hosts_untouched(forward, fake: FakeILink, pk
         assert len(other.sends()) == 1
 
 
+def test_forward_mode_serves_mitm_it_with_our_ca(forward):
+    # the onboarding page is how a gateway's machine gets the CA to trust
+    with httpx.Client(proxy=forward.url, trust_env=False, timeout=30) as c:
+        r = c.get("http://mitm.it/cert/pem")
+    assert r.status_code == 200
+    assert r.content == (forward.confdir / "mitmproxy-ca-cert.pem").read_bytes()
+
+
+def test_reverse_mode_passes_a_mitm_it_host_on_to_the_upstream(proxy, fake: FakeILink):
+    # mitmproxy rewrites Host to the upstream's in reverse mode: onboarding is not in the path
+    r = httpx.get(proxy.url + "/cert/pem", headers={"Host": "mitm.it"}, trust_env=False, timeout=30)
+    assert b"BEGIN CERTIFICATE" not in r.content
+    assert [req.path for req in fake.requests] == ["/cert/pem"]
+
+
 class H2OnlyContext(ssl.SSLContext):
     """httpcore always offers ALPN "http/1.1, h2" in that order and mitmproxy honours the
     client's order; offering only h2 makes the client really speak HTTP/2."""

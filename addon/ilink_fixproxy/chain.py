@@ -77,6 +77,7 @@ from mitmproxy.addons import (
     update_alt_svc,
     upstream_auth,
 )
+from mitmproxy.proxy import mode_specs
 
 log = logging.getLogger("ilink_fixproxy")
 
@@ -188,11 +189,30 @@ def _declared_options(addon: Any) -> set[str]:
     return recorder.names
 
 
+# Options that decide whether mitm.it onboarding can ever be asked for (see LeanChain).
+_ONBOARDING_OPTIONS = frozenset({"onboarding", "mode", "keep_host_header"})
+
+
+def _is_reverse(spec: str) -> bool:
+    try:
+        return mode_specs.ProxyMode.parse(spec).type_name == "reverse"
+    except ValueError:
+        return False  # mitmproxy rejects it with a message of its own
+
+
 class LeanChain(_Bundle):
-    """The head bundle; it also brings the on-demand addons into the chain when they are needed."""
+    """The head bundle; it also brings the on-demand addons into the chain when they are needed.
+
+    It also keeps mitm.it onboarding (the CA download page) out of the dispatch where no request
+    can ask for it: in reverse mode mitmproxy rewrites the Host header to the upstream's before
+    any hook sees the request (unless keep_host_header), so there onboarding can never serve and
+    only cost a dispatch per request. It comes back, configured, as soon as that changes.
+    """
 
     def __init__(self, members: list[Any], on_demand: list[Any], rank: dict[int, int]) -> None:
         super().__init__("ilink_leanchain", members)
+        self._members = list(members)
+        self._onboarding = next((a for a in members if isinstance(a, onboarding.Onboarding)), None)
         self._rank = rank  # position in mitmdump's order, by id() (bundles: see proxy_addons)
         self._waiting = list(on_demand)  # registered, not yet in the chain; in template order
         self._options: dict[int, set[str]] = {}
@@ -213,6 +233,8 @@ class LeanChain(_Bundle):
             self._watched |= self._options[id(addon)]
 
     def configure(self, updated: set[str]) -> None:
+        if updated & _ONBOARDING_OPTIONS and self._onboarding is not None:
+            self._place_onboarding()
         # Only changes to a waiting addon's options matter. That also keeps us from touching the
         # chain while mitmproxy is still adding addons (their loads declare other options).
         if updated & self._watched and self._assembled():
@@ -223,6 +245,20 @@ class LeanChain(_Bundle):
         self._bring_in(self._wanted())  # e.g. flow_detail left at mitmproxy's default by an embedder
 
     # ------------------------------------------------------------------ internals
+
+    def _place_onboarding(self) -> None:
+        options = self._master.options
+        needed = options.onboarding and (
+            options.keep_host_header or not all(_is_reverse(m) for m in options.mode)
+        )
+        present = any(a is self._onboarding for a in self.addons)
+        if needed and not present:
+            self.addons = [a for a in self._members if a is self._onboarding or a in self.addons]
+            # it missed the option changes meanwhile
+            everything = set(options.keys())
+            self._master.addons.invoke_addon_sync(self._onboarding, hooks.ConfigureHook(everything))
+        elif present and not needed:
+            self.addons = [a for a in self.addons if a is not self._onboarding]
 
     def _assembled(self) -> bool:
         """True once every addon proxy_addons() returned is in the chain."""
