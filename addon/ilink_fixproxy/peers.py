@@ -5,8 +5,9 @@ For a send selected by a rule with ``peer_state``, the proxy owns the whole upst
 (first attempt and any re-issue) instead of letting mitmproxy forward it. That is what makes
 idempotency possible: mitmproxy aborts the upstream exchange when the gateway's client times out,
 so the answer to a send iLink may already have delivered would be lost and the gateway's retry
-would deliver it again. Here the exchange runs as a task shielded from the client connection;
-a retry of the same ``client_id`` waits for it, or gets its stored answer.
+would deliver it again. Here the exchange runs in mitmproxy's hook task, which outlives the
+client connection (see handle); a retry of the same ``client_id`` waits for it, or gets its
+stored answer.
 
 Never worse than no proxy: if the first attempt cannot even connect, the flow is handed back to
 mitmproxy's own forwarding; a failed re-issue leaves the answer already received.
