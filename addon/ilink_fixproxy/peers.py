@@ -126,9 +126,7 @@ class PeerTracker:
         # (bot, client_id) -> done when the send under way for it has finished (single flight)
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         # flow id -> (record, single-flight key, its done future): answered, not yet stored
-        self._unwritten: dict[
-            str, tuple[Callable[[], None], tuple[str, str] | None, asyncio.Future[None]]
-        ] = {}
+        self._unwritten: dict[str, _Unwritten] = {}
 
     def close(self) -> None:
         self.write_back()
@@ -249,14 +247,14 @@ class PeerTracker:
         if key and (running := self._inflight.get(key)) is not None:
             await asyncio.shield(running)  # a retry of a message still on its way: wait for it
         # What the store knows about this send, looked up together (one transaction: see batch)
-        closable = peer and ps.on_closed in ("answer-locally", "defer")
+        closable = ps.on_closed in ("answer-locally", "defer")
         with self.store.batch(write=False):
             queued = self.store.queued_id(bot, client_id) if client_id and peer else None
             msg = self.store.message(bot, client_id, since=now - ps.dedupe_s) if client_id else None
             cooldown = self.store.cooldown(bot, now)
-            p = self.store.peer(bot, peer) if closable else None  # type: ignore[arg-type]
-        if queued is not None:
-            return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, None)  # type: ignore[arg-type]
+            p = self.store.peer(bot, peer) if peer and closable else None
+        if queued is not None and peer:
+            return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, None)
         prior = 0
         if msg and msg.accepted and msg.status is not None:
             note = f"replayed; rule={rule.name}; iLink already accepted this client_id"
@@ -276,18 +274,10 @@ class PeerTracker:
         if cooldown is not None:
             note = f"answered-locally; reason=cooling-down; rule={rule.name}; for={cooldown.until - now:.0f}s"
             return Outcome(_local_response(cooldown.status, cooldown.body, note), "answered-locally")
-        if p and p.closed_until and p.closed_until > now and p.closed_status is not None:
+        if peer and p and p.closed_until and p.closed_until > now and p.closed_status is not None:
             if ps.on_closed == "defer":
                 refusal = (p.closed_status, p.closed_body or b"")
-                return self._deferred(
-                    rule,
-                    bot,
-                    peer,
-                    client_id,
-                    flow.request,
-                    flow.server_conn.via,
-                    refusal,  # type: ignore[arg-type]
-                )
+                return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, refusal)
             note = (
                 f"answered-locally; reason=window-closed; rule={rule.name}; "
                 f"until-inbound-or={p.closed_until - now:.0f}s"

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import certifi
 import httpcore
@@ -243,8 +243,9 @@ class Reissuer:
         self._trust = trust
         self.close_clients()
 
-    def _all_lanes(self) -> list[Lanes]:  # type: ignore[type-arg]
-        lanes: list[Lanes] = [*self._direct.values(), *self._proxied.values()]  # type: ignore[type-arg]
+    def _all_lanes(self) -> list[Lanes[Any]]:
+        """Every set of lanes, forgotten: the next send makes new ones."""
+        lanes: list[Lanes[Any]] = [*self._direct.values(), *self._proxied.values()]
         self._direct, self._proxied = {}, {}
         return lanes
 
@@ -305,7 +306,7 @@ class Reissuer:
             (k, v) for k, v in request.headers.fields if k.decode("latin-1").lower() not in _HOP_BY_HOP
         ]
         url = _parsed_url(request.url)
-        lanes: Lanes  # type: ignore[type-arg]
+        lanes: Lanes[Any]
         if via is None:
             origin, core_url = _core_target(url)
             lanes = self.direct_lanes(origin)
