@@ -22,8 +22,9 @@ So the command's chain is (steady state: 4 entries besides mitmproxy's own TermL
   Each bundle sits where its order-sensitive member sits in mitmdump (``LeanChain`` at the h2c
   guard, ahead of scripts and ours; ``LeanTail`` at the Alt-Svc rewrite, after scripts, ours
   and modify_headers), and no two addons whose relative order changes share a hook;
-- our addon, ``extra`` (the command's start-up report) and any default addon this module does
-  not know (a newer mitmproxy's), each in its default position;
+- our addon and any default addon this module does not know (a newer mitmproxy's), each in its
+  default position, and the ``extra`` addons (the command's capture/metrics bundle and start-up
+  report) as one entry at the end;
 - the option-driven addons are registered from the start (their options, commands and names
   exist, so ``--set map_remote=...`` is accepted and validated) but join the chain, in their
   default position, only once one of their options leaves its inert value: before the proxy
@@ -151,9 +152,14 @@ def proxy_addons(ours: Any, *extra: Any) -> list[Any]:
     rank[id(head)] = next(rank[id(a)] for a in template if type(a) is _HEAD_AT)
     rank[id(tail)] = next(rank[id(a)] for a in template if type(a) is _TAIL_AT)
     bundled = (*_HEAD, *_TAIL, *_ON_DEMAND)
+    extras = {id(a) for a in extra}
     entries = sorted(
-        [head, tail, *(a for a in template if type(a) not in bundled)], key=lambda a: rank[id(a)]
+        [head, tail, *(a for a in template if type(a) not in bundled and id(a) not in extras)],
+        key=lambda a: rank[id(a)],
     )
+    if extra:  # last in mitmdump's order (full_chain), one entry for all of them
+        entries.append(extra[0] if len(extra) == 1 else _Bundle("ilink_extra", list(extra)))
+        rank[id(entries[-1])] = rank[id(extra[0])]
     head.entries = entries
     return entries
 
