@@ -13,7 +13,7 @@ import httpcore
 import httpx
 import pytest
 from conftest import HEADERS, SEND, send_body
-from ilink_fixproxy.reissue import Lanes, ReissueError, Reissuer, UpstreamTrust
+from ilink_fixproxy.reissue import DirectConnection, Lanes, ReissueError, Reissuer, UpstreamTrust
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 from mitmproxy import http
 
@@ -45,18 +45,25 @@ def failure(reissuer: Reissuer, url: str, **send_options: int) -> ReissueError:
     return run(go())
 
 
-def lanes_to(reissuer: Reissuer, url: str) -> Lanes[httpcore.AsyncHTTPConnection]:
+def lanes_to(reissuer: Reissuer, url: str) -> Lanes[DirectConnection]:
     return reissuer.direct_lanes(httpcore.URL(url).origin)
+
+
+async def send_in_turn(reissuer: Reissuer, url: str, times: int, pause: float = 0.0) -> list[int]:
+    """The statuses of `times` sends to `url`, one after the other."""
+    request = send_request(url)
+    statuses = []
+    for _ in range(times):
+        answer = await reissuer.send(request, request.raw_content or b"", None, 10)
+        statuses.append(answer.status_code)
+        await asyncio.sleep(pause)
+    return statuses
 
 
 def test_sequential_sends_share_one_tls_connection(fake: FakeILink, pki: TestPKI):
     async def go() -> tuple[list[int], int]:
         reissuer = trusting(pki)
-        request = send_request(fake.url)
-        statuses = []
-        for _ in range(3):
-            answer = await reissuer.send(request, request.raw_content or b"", None, 10)
-            statuses.append(answer.status_code)
+        statuses = await send_in_turn(reissuer, fake.url, 3)
         size = lanes_to(reissuer, fake.url).size
         await reissuer.aclose()
         return statuses, size
@@ -120,12 +127,7 @@ def test_a_connection_the_server_closed_is_not_reused(fake: FakeILink, pki: Test
 
     async def go() -> list[int]:
         reissuer = trusting(pki)
-        request = send_request(fake.url)
-        statuses = []
-        for _ in range(2):
-            answer = await reissuer.send(request, request.raw_content or b"", None, 10)
-            statuses.append(answer.status_code)
-            await asyncio.sleep(0.1)
+        statuses = await send_in_turn(reissuer, fake.url, 2, pause=0.1)
         await reissuer.aclose()
         return statuses
 

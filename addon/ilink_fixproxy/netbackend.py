@@ -1,16 +1,16 @@
-"""An asyncio network backend for httpcore (the engine under httpx), for the re-issue's connections.
+"""asyncio network streams for httpcore (the engine under httpx), for the re-issue's connections.
 
 Why: httpcore reaches the network through anyio by default, and anyio's streams add an event-loop
 round trip (a checkpoint) to every write and a cancel scope to every read and write. On a send
 that the proxy performs itself, that was about a fifth of the re-issue's CPU time. mitmproxy
-already runs on asyncio, so this backend gives httpcore plain asyncio streams instead, through
-httpcore's public ``AsyncNetworkBackend`` interface. There is no HTTP in here (h11 still reads
-and writes the messages) and no TLS of our own (``asyncio`` and ``ssl`` do it); the class only
-moves bytes and turns socket errors into httpcore's exceptions, as httpcore's own backends do.
+already runs on asyncio, so httpcore gets plain asyncio streams instead, through httpcore's
+public ``AsyncNetworkStream`` interface. There is no HTTP in here (h11 still reads and writes
+the messages) and no TLS of our own (``asyncio`` and ``ssl`` do it); the stream only moves bytes
+and turns socket errors into httpcore's exceptions, as httpcore's own backends do.
 
-Only direct connections use it (``reissue.DirectConnection`` opens them through it): through an
-upstream proxy (TLS inside a CONNECT tunnel, perhaps inside TLS to the proxy) httpx's transport
-keeps httpcore's default backend.
+Only direct connections use it (``reissue.DirectConnection`` opens them with ``connect_tcp``):
+through an upstream proxy (TLS inside a CONNECT tunnel, perhaps inside TLS to the proxy) httpx's
+transport keeps httpcore's default backend.
 
 No ``asyncio.timeout`` when httpcore passes no timeout (the caller's deadline bounds the whole
 exchange): even an unlimited one costs a task lookup, and on Python 3.11 every lookup of the
@@ -23,7 +23,6 @@ import asyncio
 import select
 import ssl
 import typing
-from collections.abc import Iterable
 
 import httpcore
 
@@ -135,50 +134,13 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         return None
 
 
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                # asyncio sets TCP_NODELAY on TCP connections, as anyio does.
-                reader, writer = await asyncio.open_connection(
-                    host,
-                    port,
-                    local_addr=(local_address, 0) if local_address else None,
-                    happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY_S,
-                )
-        except TimeoutError as e:
-            raise httpcore.ConnectTimeout(_why(e)) from e
-        except OSError as e:
-            raise httpcore.ConnectError(_why(e)) from e
-        sock = writer.get_extra_info("socket")
-        for option in socket_options or ():
-            sock.setsockopt(*option)
-        return AsyncioStream(reader, writer)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path)
-        except TimeoutError as e:
-            raise httpcore.ConnectTimeout(_why(e)) from e
-        except OSError as e:
-            raise httpcore.ConnectError(_why(e)) from e
-        return AsyncioStream(reader, writer)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-ASYNCIO_BACKEND = AsyncioBackend()
+async def connect_tcp(host: str, port: int) -> AsyncioStream:
+    """A TCP connection as httpcore's connections take it (no timeout: the caller bounds it)."""
+    try:
+        # asyncio sets TCP_NODELAY on TCP connections, as anyio does.
+        reader, writer = await asyncio.open_connection(
+            host, port, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY_S
+        )
+    except OSError as e:
+        raise httpcore.ConnectError(_why(e)) from e
+    return AsyncioStream(reader, writer)

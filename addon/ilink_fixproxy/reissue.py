@@ -23,7 +23,7 @@ import httpcore
 import httpx
 from mitmproxy import http
 
-from .netbackend import ASYNCIO_BACKEND
+from . import netbackend
 
 # Headers that describe the connection or the framing of the old body, not the request itself.
 _HOP_BY_HOP = frozenset(
@@ -119,7 +119,7 @@ C = TypeVar("C", bound=Closeable)
 
 
 class Lanes(Generic[C]):
-    """Connections (or one-connection conns) lent out for one request at a time.
+    """Connections (or one-connection transports) lent out for one request at a time.
 
     Why not a pool: httpcore's pool rescans all its connections several times per request
     (quadratic in their number, and every HTTP/1.1 request that finds its connection taken goes
@@ -378,7 +378,7 @@ class DirectConnection:
 
     async def _connect(self) -> httpcore.AsyncNetworkStream:
         host = self._origin.host.decode("ascii")
-        stream = await ASYNCIO_BACKEND.connect_tcp(host, self._origin.port)
+        stream = await netbackend.connect_tcp(host, self._origin.port)
         if self._origin.scheme == b"https":
             # SNI and certificate checks for the origin's name, as httpcore does (ALPN offers
             # http/1.1 only: see UpstreamTrust.ssl_context)
@@ -412,7 +412,7 @@ async def _read_all(
         await aclose()
 
 
-def _failed(e: Exception, *, sent: bool) -> ReissueError:
+def _reissue_error(e: Exception, *, sent: bool) -> ReissueError:
     # (httpx re-raises each httpcore error as its namesake: messages read the same on both paths)
     return ReissueError(f"{type(e).__name__}: {e or 'connection failed'}", sent=sent)
 
@@ -426,9 +426,9 @@ async def _exchange_direct(
         answer = await conn.handle_async_request(core_req)
         raw = await _read_all(answer.stream, answer.aclose, limit)  # type: ignore[arg-type]
     except _NOT_SENT_CORE as e:
-        raise _failed(e, sent=False) from None
+        raise _reissue_error(e, sent=False) from None
     except _CORE_ERRORS as e:
-        raise _failed(e, sent=True) from None
+        raise _reissue_error(e, sent=True) from None
     reason, version = answer.extensions.get("reason_phrase", b""), answer.extensions.get("http_version", b"")
     return answer.status, reason, version or b"HTTP/1.1", answer.headers, raw
 
@@ -438,8 +438,8 @@ async def _exchange_proxied(transport: httpx.AsyncHTTPTransport, req: httpx.Requ
         answer = await transport.handle_async_request(req)
         raw = await _read_all(answer.stream, answer.aclose, limit)  # type: ignore[arg-type]
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
-        raise _failed(e, sent=False) from None
+        raise _reissue_error(e, sent=False) from None
     except httpx.HTTPError as e:
-        raise _failed(e, sent=True) from None
+        raise _reissue_error(e, sent=True) from None
     reason = answer.reason_phrase.encode("ascii", "replace")
     return answer.status_code, reason, answer.http_version.encode("ascii", "replace"), answer.headers.raw, raw
