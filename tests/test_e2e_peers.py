@@ -206,3 +206,54 @@ def test_state_command_lists_and_forgets_peers(gw: Gateway, fake: FakeILink, pee
     r = gw.send("dead-token")  # no longer answered locally: goes upstream and is repaired
     assert r.headers["x-ilink-fixproxy"].startswith("repaired")
     assert state("forget", "nobody").returncode == 2
+
+
+def test_state_command_says_a_fresh_token_is_usable_only_while_the_proxy_that_saw_it_runs(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path
+):
+    # The file keeps only the token's keyed hash; the token itself is in the proxy's memory.
+    # After a restart `state` must not claim a fresh token the new proxy cannot use.
+    file = tmp_path / "state.sqlite3"
+    args = (
+        *upstream_args(fake, pki, tmp_path / "c"),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+        "--state",
+        str(file),
+    )
+
+    def listing() -> str:
+        p = subprocess.run(
+            ilink_fixproxy_argv("state", "--state", str(file)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+        )
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    with start_proxy(*args) as first:
+        gw = Gateway(first)
+        fresh = fake.push_inbound(gw.peer)
+        assert gw.poll().status_code == 200
+        running = listing()
+        assert "fresh token seen" in running and "in the running proxy's memory only" in running
+        # and it really is usable: a stale send goes out with it
+        assert gw.send("old-token").headers["x-ilink-fixproxy"].startswith("substituted")
+        assert sends_to(fake, gw)[-1].context_token == fresh
+    assert first.proc.returncode == 0
+
+    stopped = listing()
+    assert "fresh token seen" not in stopped and "fresh token known" not in stopped
+    assert (
+        "no fresh token (the one seen" in stopped and "was lost when the proxy that saw it stopped" in stopped
+    )
+
+    with start_proxy(*args) as second:
+        assert "no fresh token (the one seen" in listing()
+        gw.url = second.url
+        r = gw.send("old-token-2")  # nothing to substitute: the new proxy never saw the token
+        assert not r.headers["x-ilink-fixproxy"].startswith("substituted")
+        assert sends_to(fake, gw)[-1].context_token != fresh
+    gw.client.close()

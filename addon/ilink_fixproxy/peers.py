@@ -33,7 +33,7 @@ from .outbox import Outbox
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer
 from .rules import PeerState, Rule
-from .state import StateStore
+from .state import Peer, StateStore
 
 log = logging.getLogger("ilink_fixproxy")
 
@@ -584,6 +584,7 @@ def describe_state(store: StateStore, *, show_ids: bool) -> str:
     now = time.time()
     lines = []
     peers = store.peers()
+    started = store.running_proxy_started()
     lines.append(f"{store.path}: {len(peers)} peer(s), counts {json.dumps(store.counts())}")
     for p in peers:
         who = p.peer if show_ids else token_hash(p.peer)
@@ -592,11 +593,21 @@ def describe_state(store: StateStore, *, show_ids: bool) -> str:
             status = f"window CLOSED for {p.closed_until - now:.0f}s more or until the peer writes"
         seen = f"last inbound {now - p.inbound_at:.0f}s ago" if p.inbound_at else "no inbound seen"
         lines.append(
-            f"  peer {who}  bot {p.bot[:10]}  {status}; {seen}; "
-            f"{'fresh token known' if p.newest_token else 'no fresh token'}; "
+            f"  peer {who}  bot {p.bot[:10]}  {status}; {seen}; {_fresh_token_status(p, started, now)}; "
             f"{p.stale_tokens} stale token(s) remembered"
         )
     for bot, until, limited in store.bots():
         cooling = f"cooling down for {until - now:.0f}s" if until and until > now else "not cooling down"
         lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s)")
     return "\n".join(lines)
+
+
+def _fresh_token_status(p: Peer, started: float | None, now: float) -> str:
+    """Whether a fresh token can be used. The file keeps only its hash; the token itself lives in
+    the memory of the proxy that saw it, so it is usable only while that proxy runs."""
+    if not p.newest_token or p.newest_seen is None:
+        return "no fresh token"
+    age = f"{now - p.newest_seen:.0f}s ago"
+    if started is not None and p.newest_seen >= started:
+        return f"fresh token seen {age} (in the running proxy's memory only, lost on restart)"
+    return f"no fresh token (the one seen {age} was lost when the proxy that saw it stopped)"

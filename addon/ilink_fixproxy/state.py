@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,13 @@ class StateStore:
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
             self._key = self._hash_key()
+            if self._lock_fd is not None:
+                # Fresh tokens live only in the memory of the proxy that saw them: `state` compares
+                # when each was seen with when the proxy holding the file started.
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('proxy_started', ?)",
+                    (repr(time.time()).encode(),),
+                )
         except sqlite3.DatabaseError as e:
             self.close()
             raise StateError(
@@ -198,8 +206,38 @@ class StateStore:
                 db.close()
             self.db = None  # type: ignore[assignment]
         if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)  # no pid left behind: nobody holds the file now
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+
+    def running_proxy_started(self) -> float | None:
+        """When the proxy now holding this file started, or None when no proxy holds it.
+
+        Read from the lock file's pid, without taking the lock: even a brief shared lock could
+        make a proxy starting at that moment refuse to start. A pid left by a killed proxy
+        counts only while some process has that pid.
+        """
+        if self.path == MEMORY:
+            return None
+        lock_path = Path(self.path).with_name(Path(self.path).name + ".lock")
+        try:
+            pid = int(lock_path.read_text(encoding="ascii").strip() or 0)
+        except (OSError, ValueError):
+            return None
+        if pid <= 0:
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, under another user
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'proxy_started'").fetchone()
+        try:
+            return float(bytes(row[0])) if row else None
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------ hashing
 
