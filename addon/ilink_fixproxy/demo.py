@@ -69,8 +69,8 @@ def run_demo() -> int:
             out("1) Straight to iLink, as an unpatched gateway sends it:")
             out(f"   <- HTTP {direct.status_code} {direct.text}")
             out(
-                f"   delivered: {'yes' if fake.deliveries else 'no'} (hermes-agent would read this as a rate "
-                "limit, retry the dead token 4 more times, and pause every chat for 30 s)\n"
+                f"   delivered: {'yes' if fake.deliveries else 'no'} (hermes-agent 0.19.0 would read this "
+                "as a rate limit, give up on the message and refuse every send for 30 s)\n"
             )
 
             argv = ilink_fixproxy_argv(
