@@ -3,10 +3,12 @@ clean, and the README documents every flag the command has."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ilink_fixproxy.cli import build_parser
@@ -34,10 +36,50 @@ def test_readme_documents_every_flag_and_option():
     text = readme()
     for action in build_parser()._actions:
         for flag in action.option_strings:
-            if flag not in ("-h", "--help", "--version"):
+            if flag not in ("-h", "--help"):
                 assert f"`{flag}" in text or f"{flag} " in text, flag
     for option in ("ilink_rules", "ilink_buffer_limit", "ilink_intercept"):
         assert f"`{option}`" in text
+
+
+def command_reference() -> list[str]:
+    text = readme()
+    start = text.index("```", text.index("## Command reference"))
+    return text[start : text.index("```", start + 3)].splitlines()
+
+
+def subcommands(
+    parser: argparse.ArgumentParser, prefix: str
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from subcommands(sub, f"{prefix} {name}")
+
+
+def test_readme_command_reference_lists_every_subcommand_with_its_flags():
+    # Each subcommand's usage line(s) in the reference name every flag its --help lists.
+    reference = command_reference()
+    for command, parser in subcommands(build_parser(), "ilink-fixproxy"):
+        lines = [line for line in reference if line == command or line.startswith(command + " ")]
+        assert lines, f"{command} is not in the README's command reference"
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert any(flag in line for line in lines), f"{command} {flag}"
+    assert any(line.startswith("ilink-fixproxy --version ") for line in reference)
+
+
+def test_readme_command_reference_lists_the_sandbox_with_its_flags():
+    p = subprocess.run(
+        [sys.executable, "-m", "ilink_fixproxy.sandbox", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", p.stdout)) - {"--help"}
+    assert flags == {"--tls-dir", "--port"}
+    lines = [line for line in command_reference() if line.startswith("python -m ilink_fixproxy.sandbox")]
+    assert len(lines) == 1 and all(flag in lines[0] for flag in flags)
 
 
 def test_dockerfile_passes_hadolint():
