@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +197,17 @@ def test_without_the_preload_node_fetch_ignores_https_proxy(
     assert answer["fixproxy"] is None
     assert answer["body"] == fake.stale_answer.decode()
     assert len(fake.sends()) == 1
+
+
+def test_ca_tells_openclaw_users_about_the_preload(tmp_path: Path):
+    # `ilink-fixproxy ca` is where forward-mode users look: the CA alone does not route Node's fetch.
+    p = subprocess.run(
+        [sys.executable, "-m", "ilink_fixproxy", "ca", "--confdir", str(tmp_path / "conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert p.returncode == 0, p.stderr
+    assert "NODE_EXTRA_CA_CERTS" in p.stdout and "deploy/node/env-proxy-preload.mjs" in p.stdout
+    assert PRELOAD.is_file()

@@ -577,6 +577,7 @@ def cmd_ca(confdir_arg: str | None) -> int:
             Python:  cat {cert} >> "$(python -c 'import certifi; print(certifi.where())')"
             (SSL_CERT_FILE is ignored while certifi is installed; re-do this after certifi upgrades)
           openclaw-weixin (Node):  NODE_EXTRA_CA_CERTS={cert}
+            (Node's fetch ignores HTTPS_PROXY: also load deploy/node/env-proxy-preload.mjs, see README)
           system-wide (Debian/Ubuntu):  cp {cert} /usr/local/share/ca-certificates/ilink-fixproxy.crt
             && update-ca-certificates
         Only the hosts listed in the rules file are intercepted; other HTTPS traffic is tunnelled.""")
