@@ -128,8 +128,12 @@ def make_master(opts: Any, settings: Any, ours: Any, *extra: Any) -> Any:
     from mitmproxy import master
 
     from .chain import proxy_addons
+    from .egress import EgressPolicy
 
     chain = [ours, *observability_addons()]
+    # Last, so that its refusals (answers set in requestheaders) come after every addon that
+    # may have asked for the request to be streamed (see EgressPolicy._precheck).
+    extra = (*extra, EgressPolicy())
     if getattr(settings, "ui", False):
         m = ui_master(opts, chain, *extra)
     else:
