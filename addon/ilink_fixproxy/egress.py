@@ -29,6 +29,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -173,14 +174,16 @@ class EgressPolicy:
         if flow.response is None:  # proxyauth may have answered 407 already
             await self._precheck(flow, "CONNECT")
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
-            return
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        # Not a coroutine function: mitmproxy awaits what a hook returns only when it is
+        # awaitable, and in reverse mode (every request) there is nothing to wait for.
+        if flow.response is not None or not _client_chooses(flow.client_conn):
+            return None
         server = flow.server_conn
         target = (flow.request.host, flow.request.port)
         if server.address == target or (server.address and self._pinned.get(server.id) == target):
-            return  # the tunnel or connection it goes over was checked already
-        await self._precheck(flow, flow.request.method)
+            return None  # the tunnel or connection it goes over was checked already
+        return self._precheck(flow, flow.request.method)
 
     async def _precheck(self, flow: http.HTTPFlow, what: str) -> None:
         if not _client_chooses(flow.client_conn):
