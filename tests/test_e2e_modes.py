@@ -33,7 +33,15 @@ def forward(fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempP
     conf = tmp / "conf"
     # The fake's CA is trusted for the upstream side; clients trust the proxy's own CA.
     with start_proxy(
-        "--mode", "forward", "--rules", str(rules), "--confdir", str(conf), "--upstream-ca", str(pki.ca_cert)
+        "--mode",
+        "forward",
+        "--allow-private-destinations",  # the fake listens on loopback
+        "--rules",
+        str(rules),
+        "--confdir",
+        str(conf),
+        "--upstream-ca",
+        str(pki.ca_cert),
     ) as p:
         p.confdir = conf  # type: ignore[attr-defined]
         yield p
@@ -245,6 +253,7 @@ def test_upstream_mode_reissues_through_the_same_upstream_proxy(
             start_proxy(
                 "--mode",
                 "forward",
+                "--allow-private-destinations",  # the fake listens on loopback
                 "--set",
                 f"mode=upstream:{inner.url}",
                 "--rules",

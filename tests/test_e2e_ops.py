@@ -122,7 +122,8 @@ def test_proxy_auth_is_required_in_forward_mode(fake: FakeILink, pki: TestPKI, t
             assert c.get("http://127.0.0.1:9/").status_code == 407
         user_url = p.url.replace("http://", "http://gw:pa55@")
         with httpx.Client(proxy=user_url, trust_env=False, timeout=30) as c:
-            assert c.get("http://127.0.0.1:9/").status_code == 502  # authenticated; nothing listens there
+            r = c.get("http://127.0.0.1:9/")  # authenticated: on to the destination policy
+            assert r.status_code == 403 and r.headers["x-ilink-fixproxy"] == "refused-destination"
 
 
 def test_proxy_auth_is_refused_in_reverse_mode(tmp_path: Path):

@@ -23,6 +23,7 @@ from mitmproxy.utils import human
 
 from . import rules as rules_mod
 from . import state as state_mod
+from .health import REPAIRS, STATE, Health, component_of
 from .jsonedit import get_path, remove_member
 from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object, request_line_only
 from .peers import PeerTracker, attempt_record
@@ -66,6 +67,7 @@ class IlinkFixProxy:
         )
         self._managed_stream_limit: str | None = None
         self._rules_mtime: int | None = None
+        self.health = Health()  # what /healthz reports besides the event loop (metrics.py)
 
     # ------------------------------------------------------------------ options
 
@@ -187,6 +189,7 @@ class IlinkFixProxy:
                 self.tracker.flush_requested()
             except Exception as e:  # keep going: one bad round must not end housekeeping
                 log.warning(f"ilink-fixproxy housekeeping: {type(e).__name__}: {e}")
+                self.health.failed(component_of(e), e)
 
     def _rules_file_mtime(self) -> int | None:
         path = ctx.options.ilink_rules
@@ -237,6 +240,8 @@ class IlinkFixProxy:
         except state_mod.StateError as e:
             raise exceptions.OptionsError(str(e)) from None
         self.tracker = PeerTracker(store, self.reissuer, self._rule_named)
+        self.tracker.health = self.health
+        self.health.state_file_check = store.file_problem
         self._state_key = key
         log.info(f"ilink-fixproxy: peer state in {path}")
 
@@ -244,6 +249,7 @@ class IlinkFixProxy:
         if self.tracker is not None:
             self.tracker.close()
         self.tracker, self._state_key = None, None
+        self.health.state_file_check = None
 
     def done(self) -> None:
         if self._housekeeping is not None:
@@ -301,9 +307,11 @@ class IlinkFixProxy:
             log.warning(
                 f"{_endpoint(flow)}: peer-state handling failed, forwarding as is: {type(e).__name__}: {e}"
             )
+            self.health.failed(component_of(e), e)
             return
         finally:
             self._in_flight -= 1
+        self.health.succeeded(REPAIRS)
         if outcome.response is None:
             return
         flow.response = outcome.response
@@ -332,6 +340,9 @@ class IlinkFixProxy:
                 self.tracker.observe_updates(flow)
             except Exception as e:  # the poll's answer passes on untouched whatever happens here
                 log.warning(f"getupdates: could not record inbound messages: {type(e).__name__}: {e}")
+                self.health.failed(component_of(e), e)
+            else:
+                self.health.succeeded(STATE)
             return
         if flow.metadata.get("ilink_fixproxy", {}).get("handled"):
             if self.tracker is not None:
@@ -351,6 +362,9 @@ class IlinkFixProxy:
                 f"{_endpoint(flow)}: repair by rule {rule.name!r} failed, original answer kept: "
                 f"{type(e).__name__}"
             )
+            self.health.failed(REPAIRS, e)
+        else:
+            self.health.succeeded(REPAIRS)
         finally:
             self._in_flight -= 1
 

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward mode: require these proxy credentials (Proxy-Authorization) from clients",
     )
     parser.add_argument(
+        "--allow-private-destinations",
+        action="store_true",
+        help="forward mode: let clients reach loopback, private and link-local addresses (refused by "
+        "default); the proxy's own listeners (its port, --ui, --metrics) stay refused",
+    )
+    parser.add_argument(
         "--defer",
         action="store_true",
         help="deferred delivery for every rule: sends to a peer whose window is closed are queued and "
@@ -272,6 +278,7 @@ class Settings:
     verbose: bool = False
     defer: bool = False
     proxy_auth: str | None = None
+    allow_private_destinations: bool = False
     setoptions: list[str] = field(default_factory=list)
     ui: bool = False
     observability: dict[str, object] = field(default_factory=dict)  # capture, metrics, logs
@@ -293,6 +300,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             )
         if ":" not in args.proxy_auth or args.proxy_auth.startswith(":"):
             raise UsageError("--proxy-auth: expected USER:PASS")
+    if args.allow_private_destinations and args.mode != "forward":
+        raise UsageError(
+            "--allow-private-destinations only applies to --mode forward, where clients choose "
+            "the destination; in reverse mode --upstream may be any address"
+        )
     rules_path = resolve_rules_path(args.rules)
     ruleset = load_rules(rules_path)
     confdir = Path(os.path.expanduser(args.confdir))
@@ -315,6 +327,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         state=args.state,
         defer=args.defer,
         proxy_auth=args.proxy_auth,
+        allow_private_destinations=args.allow_private_destinations,
         verbose=args.verbose,
         setoptions=list(args.setoptions),
         ui=args.ui,
@@ -378,6 +391,8 @@ def mitmproxy_options(s: Settings) -> dict[str, object]:
         opts["ilink_defer"] = True
     if s.proxy_auth:
         opts["proxyauth"] = s.proxy_auth
+    if s.allow_private_destinations:
+        opts["ilink_allow_private_destinations"] = True
     if s.upstream_bundle:
         opts["ssl_verify_upstream_trusted_ca"] = str(s.upstream_bundle)
     opts.update(s.observability)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,10 +129,14 @@ def make_master(opts: Any, settings: Any, ours: Any, *extra: Any) -> Any:
     from mitmproxy import master
 
     from .chain import proxy_addons
+    from .egress import EgressPolicy
 
     chain = [ours, *observability_addons()]
+    # Last, so that its refusals (answers set in requestheaders) come after every addon that
+    # may have asked for the request to be streamed (see EgressPolicy._precheck).
+    extra = (*extra, EgressPolicy())
     if getattr(settings, "ui", False):
-        m = ui_master(opts, chain, *extra)
+        m = ui_master(opts, chain, *extra, confdir=getattr(settings, "confdir", None))
     else:
         m = master.Master(opts, with_termlog=True)
         m.addons.add(*proxy_addons(*chain, *extra))
@@ -157,16 +162,113 @@ def observability_addons() -> list[Any]:
     return [Observability()]
 
 
-def ui_master(opts: Any, ours: list[Any], *extra: Any) -> Any:
+UI_PASSWORD_ENV = "ILINK_FIXPROXY_UI_PASSWORD"
+UI_PASSWORD_FILE = "ilink-fixproxy-ui-password"
+
+
+def require_web_auth() -> None:
+    """Refuse --ui where mitmweb cannot require a password (mitmproxy before 11.1.2: 11.0.x is
+    the newest on Python 3.11). Its API serves every flow, bot tokens included, to whoever
+    reaches the port, and ``PUT /options`` changes any option (``scripts`` runs code)."""
+    from mitmproxy.tools.web import webaddons
+    from mitmproxy.version import VERSION
+
+    from .cli import UsageError
+
+    if not hasattr(webaddons, "WebAuth"):
+        raise UsageError(
+            f"--ui: the web UI of mitmproxy {VERSION} has no authentication (anyone who reaches its "
+            "port could read every flow, bot tokens included, and change options); --ui needs "
+            "mitmproxy >= 12 (Python >= 3.12)"
+        )
+
+
+def ui_password(confdir: Path) -> tuple[str, str]:
+    """The web UI's password and where the operator finds it.
+
+    From ``$ILINK_FIXPROXY_UI_PASSWORD`` when set; otherwise from ``<confdir>/ilink-fixproxy-ui-
+    password`` (owner-only, created with a random one on first use, kept across restarts so a
+    bookmark or script keeps working). Never printed: logs travel further than the confdir
+    (``docker logs``, journald), and the password opens every flow, bot tokens included. Not a
+    flag either: command lines are visible to every user on the machine (``ps``)."""
+    import os
+    import secrets
+
+    from .cli import UsageError
+
+    if secret := os.environ.get(UI_PASSWORD_ENV, ""):
+        return secret, f"${UI_PASSWORD_ENV}"
+    path = confdir / UI_PASSWORD_FILE
+    try:
+        confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            if path.stat().st_mode & 0o077:
+                raise UsageError(
+                    f"--ui: {path} is readable by other users; `chmod 600` it, or delete it for a new one"
+                ) from None
+            secret = path.read_text("utf-8").strip()
+        else:
+            secret = secrets.token_urlsafe(24)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(secret + "\n")
+    except OSError as e:
+        raise UsageError(f"--ui: cannot keep the web UI password in {path}: {e.strerror or e}") from None
+    if not secret:
+        raise UsageError(f"--ui: {path} is empty; delete it for a new password or write one into it")
+    return secret, f"the file {path} (owner-only)"
+
+
+class _DropPlaintextWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using a plaintext password")
+
+
+class UiNotice:
+    """Says, once the web UI listens, where its password is (never the password itself)."""
+
+    def __init__(self, password: str, where: str) -> None:
+        self.password = password
+        self.where = where
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        host, port = ctx.options.web_host, ctx.options.web_port
+        shown = f"[{host}]" if ":" in host else host
+        where = self.where if ctx.options.web_password == self.password else "the web_password option"
+        logging.getLogger("ilink_fixproxy").info(
+            f"ilink-fixproxy: web UI on http://{shown}:{port}/ needs a password: {where}"
+        )
+
+
+def ui_master(opts: Any, ours: list[Any], *extra: Any, confdir: Path | None = None) -> Any:
     """mitmweb's master with our addons where ``mitmweb -s`` puts scripts (right after the script
-    loader, so Save/SaveHar and the web view record the repaired answers), then `extra`.
+    loader, so Save/SaveHar and the web view record the repaired answers), then `extra`; its
+    password from ``ui_password`` (an operator's own ``web_password`` option wins).
 
     WebMaster adds mitmproxy's default addons itself, so the command's lean chain (chain.py) is
     not used here: the UI wants every default addon anyway."""
     from mitmproxy.addons import dumper, script
     from mitmproxy.tools.web.master import WebMaster
 
+    require_web_auth()
+    secret, where = ui_password(confdir or Path("~/.mitmproxy").expanduser())
     m = WebMaster(opts, with_termlog=True)
+    # The password itself, not an argon2 hash of it: mitmweb checks a hash on its event loop
+    # (the proxy's) for each request without a session cookie, ~0.25 s each, so wrong guesses
+    # would stall the traffic. It stays in memory; the UI's options page shows it only to
+    # someone who already knows it. mitmweb's warning about plaintext is for passwords typed on
+    # a command line, which this one never is.
+    quiet = _DropPlaintextWarning()
+    web_log = logging.getLogger("mitmproxy.tools.web.webaddons")
+    web_log.addFilter(quiet)
+    try:
+        opts.update(web_password=secret)
+    finally:
+        web_log.removeFilter(quiet)
+    extra = (*extra, UiNotice(secret, where))
     manager = m.addons
     at = next(i for i, a in enumerate(manager.chain) if isinstance(a, script.ScriptLoader)) + 1
     for offset, addon in enumerate(ours):

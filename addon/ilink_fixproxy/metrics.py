@@ -70,6 +70,8 @@ _ERRMSG_CLASSES = (
 ADDED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
 _LOOP_TIMEOUT_S = 2.0
+DEFAULT_STALL_S = 5.0  # a busy loop answers within milliseconds; a blocked one does not
+_BEAT_S = 0.25
 
 
 # --------------------------------------------------------------------------- label values
@@ -235,6 +237,12 @@ class Metrics:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._counted: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._outbox: Any = None
+        # Health: the event loop's heartbeat (time.monotonic() of its last beat), how old it may
+        # get, and what the engine reports (health.py); read by the HTTP server's threads.
+        self._beat_at: float | None = None
+        self._beating: asyncio.Future[None] | None = None
+        self._stall_s = DEFAULT_STALL_S
+        self._engine_health: Any = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -244,8 +252,25 @@ class Metrics:
             "Serve Prometheus metrics at http://HOST:PORT/metrics and a health check at /healthz "
             "(e.g. 127.0.0.1:9464; port 0 picks a free one). Empty: off.",
         )
+        loader.add_option(
+            "ilink_health_stall_s",
+            str,  # mitmproxy's options have no float type
+            f"{DEFAULT_STALL_S:g}",
+            "/healthz reports the event loop stuck when it has not run for this many seconds.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if "ilink_health_stall_s" in updated:
+            text = ctx.options.ilink_health_stall_s
+            try:
+                stall_s = float(text)
+            except ValueError:
+                stall_s = 0.0
+            if not 0 < stall_s < float("inf"):
+                raise exceptions.OptionsError(
+                    f"ilink_health_stall_s: {text!r} is not a number of seconds above 0"
+                )
+            self._stall_s = stall_s
         if "ilink_metrics" not in updated:
             return
         spec = ctx.options.ilink_metrics
@@ -261,9 +286,18 @@ class Metrics:
 
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._engine_health = getattr(ctx.master.addons.get("ilinkfixproxy"), "health", None)
+        self._beating = asyncio.ensure_future(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat_at = time.monotonic()
+            await asyncio.sleep(_BEAT_S)
 
     def done(self) -> None:
         self._stop()
+        if self._beating is not None:
+            self._beating.cancel()
         self._loop = None
 
     # ------------------------------------------------------------------ serving
@@ -303,13 +337,20 @@ class Metrics:
         return [b"not found: try /metrics or /healthz\n"]
 
     def health(self) -> tuple[str, str]:
-        """200 once the proxy runs and its event loop answers within 2 s, else 503."""
-        if self._loop is None:
+        """200 "ok" while the proxy can do its job; else 503 and one line saying why: the event
+        loop has not run for ilink_health_stall_s, the state file is gone, or the state store or
+        repairs keep failing for internal reasons (health.py). Never waits for the loop."""
+        beat = self._beat_at
+        if self._loop is None or beat is None:
             return "503 Service Unavailable", "starting\n"
-        try:
-            self.on_loop(lambda: None)
-        except Exception:
-            return "503 Service Unavailable", "event loop not responding\n"
+        problems = []
+        stalled = time.monotonic() - beat
+        if stalled > self._stall_s:
+            problems.append(f"event loop stuck: it has not run for {stalled:.1f} s")
+        if self._engine_health is not None:
+            problems.extend(self._engine_health.problems())
+        if problems:
+            return "503 Service Unavailable", "unhealthy: " + "; ".join(problems) + "\n"
         return "200 OK", "ok\n"
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from .health import STATE, Health, component_of
 from .jsonedit import get_path, remove_member, replace_value
 from .matching import AnswerSummary, answer_is_failure, parse_json_object
 from .outbox import Outbox
@@ -127,6 +128,7 @@ class PeerTracker:
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         # flow id -> (record, single-flight key, its done future): answered, not yet stored
         self._unwritten: dict[str, _Unwritten] = {}
+        self.health: Health | None = None  # told about store errors and successful writes
 
     def close(self) -> None:
         self.write_back()
@@ -148,6 +150,11 @@ class PeerTracker:
                 record()
             except Exception as e:  # the gateway has its answer; only our memory of it is lost
                 log.warning(f"peer state: could not record a send: {type(e).__name__}: {e}")
+                if self.health is not None:
+                    self.health.failed(component_of(e), e)
+            else:
+                if self.health is not None:
+                    self.health.succeeded(STATE)
             finally:
                 self._settle(key, done)
 

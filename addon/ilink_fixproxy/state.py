@@ -139,6 +139,7 @@ class StateStore:
         self.limits = limits
         self._lock_fd: int | None = None
         self._writes = 0
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         if path != MEMORY:
             p = Path(path)
             try:
@@ -148,6 +149,8 @@ class StateStore:
                 fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
                 os.close(fd)
                 os.chmod(p, 0o600)
+                st = os.stat(p)
+                self._identity = (st.st_dev, st.st_ino)
             except OSError as e:
                 self.close()
                 raise StateError(f"cannot open state file {path}: {e.strerror or e}") from None
@@ -171,6 +174,29 @@ class StateStore:
                 f"state file {path} is not a usable SQLite database ({e}); "
                 "move it away or use another --state path"
             ) from None
+
+    def file_problem(self) -> str | None:
+        """What is wrong with the state file on disk, or None. SQLite keeps working on a file that
+        was deleted or moved away, so nothing else notices: what the proxy learns from then on is
+        lost when it restarts, and the `state`/`outbox` commands no longer see it. Only a stat():
+        safe from any thread."""
+        if self._identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return (
+                f"state file {self.path} is gone (deleted or moved away): what the proxy learns "
+                "now is lost at its next restart; put the file back or restart the proxy"
+            )
+        except OSError as e:
+            return f"state file {self.path} cannot be checked: {e.strerror or e}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return (
+                f"state file {self.path} was replaced by another file; the proxy still uses the one "
+                "it opened: restart it to use the new one"
+            )
+        return None
 
     def _take_lock(self, p: Path) -> None:
         lock_path = p.with_name(p.name + ".lock")
