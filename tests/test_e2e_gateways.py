@@ -81,11 +81,11 @@ def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def forward_args(rules: Path, conf: Path, pki: TestPKI) -> list[str]:
-    # The fake iLink listens on loopback: if forward mode refuses loopback destinations by
-    # default, the option that allows them belongs here.
+    # The fake iLink listens on loopback, which forward mode refuses by default.
     return [
         "--mode",
         "forward",
+        "--allow-private-destinations",
         "--rules",
         str(rules),
         "--confdir",
