@@ -552,6 +552,8 @@ async def wait_native_servers_closed(servers: list[Any], timeout_s: float = 5.0)
         logging.getLogger("ilink_fixproxy").warning(
             "the UDP listener did not finish closing within %.0f s", timeout_s
         )
+    except Exception as e:  # a stop ends in one line, never a traceback
+        logging.getLogger("ilink_fixproxy").warning("closing the UDP listener failed: %r", e)
 
 
 def check_state_free(s: Settings) -> None:
