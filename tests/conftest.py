@@ -3,9 +3,12 @@ process in front of it. Nothing here mocks mitmproxy or the network path."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import shutil
+import signal
 import ssl
 import sys
 from collections.abc import Iterator
@@ -41,6 +44,39 @@ def send_body(token: str | None, *, text: str = "cron: daily report", client_id:
     if token is not None:
         msg["context_token"] = token
     return json.dumps({"msg": msg, "base_info": {"channel_version": "2.2.0"}}).encode()
+
+
+def live_children() -> dict[int, str]:
+    """This process's child processes that are still running (not zombies): pid -> command line."""
+    found: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after it
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == os.getpid() and state != "Z":
+                found[int(stat.parent.name)] = (
+                    (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+        except (OSError, ValueError, IndexError):  # it exited while we looked
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Every proxy a test starts is stopped by the end of the run, also when the test failed
+    (issue 12: a failing test left its proxy running). Torn down last, after every fixture's
+    proxy; kills what is left so the run ends clean, then fails naming it."""
+    yield
+    if not Path("/proc/self/stat").is_file():
+        return
+    leaked = live_children()
+    for pid in leaked:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not leaked, "processes left running by the tests: " + "; ".join(
+        f"{pid}: {cmd[:200]}" for pid, cmd in leaked.items()
+    )
 
 
 @pytest.fixture(scope="session")

@@ -58,26 +58,31 @@ def test_an_edited_rules_file_is_reloaded_and_a_broken_edit_keeps_the_last_good(
 
 def test_sigterm_lets_an_in_flight_repair_finish(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     fake.script(SEND, Answer(body=b'{"ret":-2}'), Answer(body=b"{}", delay=1.5))
-    p = start_proxy(
+    result: dict[str, httpx.Response] = {}
+    # The context manager stops the proxy (SIGTERM, then SIGKILL) also when an assertion fails,
+    # so a failing run leaves no proxy behind.
+    with start_proxy(
         *upstream_args(fake, pki, tmp_path / "c"),
         "--rules",
         str(ROOT / "rules.yaml"),
-    )
-    result: dict[str, httpx.Response] = {}
+    ) as p:
 
-    def send() -> None:
-        with httpx.Client(trust_env=False, timeout=30) as c:
-            result["r"] = c.post(p.url + SEND, content=send_body(STALE), headers=HEADERS)
+        def send() -> None:
+            with httpx.Client(trust_env=False, timeout=30) as c:
+                result["r"] = c.post(p.url + SEND, content=send_body(STALE), headers=HEADERS)
 
-    t = threading.Thread(target=send)
-    t.start()
-    wait_for(lambda: len(fake.sends()) == 2)  # the re-issue is on its way
-    p.proc.send_signal(signal.SIGTERM)
-    t.join(15)
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        try:
+            wait_for(lambda: len(fake.sends()) == 2)  # the re-issue is on its way
+            p.proc.send_signal(signal.SIGTERM)
+            status = p.proc.wait(15)
+        finally:
+            t.join(15)
+    assert "r" in result, "the in-flight send got no answer"
     assert result["r"].status_code == 200 and result["r"].content == b"{}"
     assert result["r"].headers["x-ilink-fixproxy"].startswith("repaired")
-    assert p.proc.wait(15) == 0
-    p.stop()
+    assert status == 0, p.output
     assert "Traceback" not in p.output
     # the state file was closed cleanly: a new proxy opens it at once
     with start_proxy(

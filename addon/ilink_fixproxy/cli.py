@@ -512,11 +512,13 @@ async def serve(s: Settings) -> int:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_about_cancelled_connections)  # mitmproxy's own is set in run()
     stopping: list[asyncio.Task[None]] = []
+    native: list[Any] = []  # mitmproxy_rs servers, taken before graceful_shutdown stops them
 
     def stop() -> None:
         if stopping:  # a second signal: stop now
             m.shutdown()
             return
+        native.extend(native_servers(m))
         stopping.append(asyncio.ensure_future(graceful_shutdown(m)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -524,7 +526,49 @@ async def serve(s: Settings) -> int:
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await m.run()
+    await wait_native_servers_closed([*native, *native_servers(m)])
     return 0
+
+
+def native_servers(m: Any) -> list[Any]:
+    """The proxy's servers that run in mitmproxy_rs (Rust, on tokio threads), not in asyncio.
+
+    In reverse mode to an https:// upstream mitmproxy listens on UDP too (HTTP/3), with
+    ``mitmproxy_rs.udp.UdpServer``. mitmproxy keeps them in its server instances' ``_servers``
+    (11.x and 12.x); there is no public accessor.
+    """
+    proxyserver = m.addons.get("proxyserver")
+    found = []
+    for instance in getattr(proxyserver, "servers", ()):
+        for server in getattr(instance, "_servers", ()):
+            if not isinstance(server, asyncio.AbstractServer) and hasattr(server, "wait_closed"):
+                found.append(server)
+    return found
+
+
+async def wait_native_servers_closed(servers: list[Any], timeout_s: float = 5.0) -> None:
+    """Close mitmproxy_rs servers and wait until their tokio tasks have ended.
+
+    Why: mitmproxy only calls ``close()``, which asks the server's tasks to stop and returns at
+    once (the ``wait_closed`` is commented out in mitmproxy's ``_stop``). Those tasks then log
+    "... shutting down." through pyo3-log, which takes the GIL on a tokio thread. When that
+    happens after the interpreter has begun to finalize, CPython ends the thread with
+    ``pthread_exit``, whose forced unwind through Rust frames crashes the process (SIGSEGV at
+    exit, issue 12). After ``wait_closed`` those tasks are done and no Rust thread calls Python.
+    """
+    unique = list({id(s): s for s in servers}.values())
+    if not unique:
+        return
+    for server in unique:
+        server.close()  # idempotent; mitmproxy may have closed it already
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in unique)), timeout_s)
+    except TimeoutError:
+        logging.getLogger("ilink_fixproxy").warning(
+            "the UDP listener did not finish closing within %.0f s", timeout_s
+        )
+    except Exception as e:  # a stop ends in one line, never a traceback
+        logging.getLogger("ilink_fixproxy").warning("closing the UDP listener failed: %r", e)
 
 
 def check_state_free(s: Settings) -> None:
