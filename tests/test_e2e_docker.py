@@ -111,7 +111,8 @@ def image() -> str:
         unavailable("no docker command (apt-get install docker.io)")
     info = docker("info", "--format", "{{.ServerVersion}}", timeout=30, check=False)
     if info.returncode != 0:
-        unavailable(f"no Docker engine answers (`docker info`: {info.stderr.strip().splitlines()[-1:]})")
+        said = (info.stderr.strip().splitlines() or ["no output"])[-1]
+        unavailable(f"no Docker engine answers (`docker info`: {said})")
     base = subprocess.run([str(MAKE_BASE)], capture_output=True, text=True, timeout=900)
     if base.returncode != 0:
         unavailable(f"cannot build the base image: {(base.stderr or base.stdout).strip()[-500:]}")
