@@ -30,7 +30,9 @@ from . import rules as rules_mod
 PROG = "ilink-fixproxy"
 DEFAULT_LISTEN = "127.0.0.1:8765"
 DEFAULT_UPSTREAM = "https://ilinkai.weixin.qq.com"
-DEFAULT_CONFDIR = "~/.mitmproxy"
+CONFDIR_ENV = "ILINK_FIXPROXY_CONFDIR"
+# The container image sets the variable, so `docker exec C ilink-fixproxy state` finds /data's state.
+DEFAULT_CONFDIR = os.environ.get(CONFDIR_ENV) or "~/.mitmproxy"
 CA_CERT_NAME = "mitmproxy-ca-cert.pem"
 UPSTREAM_BUNDLE_NAME = "ilink-fixproxy-upstream-cas.pem"
 
@@ -399,21 +401,46 @@ def mitmproxy_options(s: Settings) -> dict[str, object]:
     return opts
 
 
+def gateway_url(url: str) -> tuple[str, str]:
+    """The URL to give gateways for the one the proxy listens on, and a note when they differ.
+
+    0.0.0.0 / [::] are where to listen, not where to connect: a gateway on this machine uses
+    loopback, anything else this machine's address (in a container: the host port published
+    with -p), which the proxy cannot know.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if not wildcard:
+        return url, ""
+    local = f"http://{'[::1]' if ':' in host else '127.0.0.1'}:{parts.port}"
+    note = (
+        f" (listening on every interface: {local} is for gateways on this machine; from elsewhere use "
+        "this machine's address, and from outside a container the host address and port published "
+        "with docker run -p)"
+    )
+    return local, note
+
+
 def startup_line(s: Settings, url: str, rule_count: int) -> str:
     rules_src = str(s.rules_path) if s.rules_path else "packaged default rules"
     counted = f"{rule_count} rule{'s' if rule_count != 1 else ''}"
+    use, note = gateway_url(url)
     if s.mode == "reverse":
         return (
             f"{PROG} listening on {url} (reverse mode -> {s.upstream}); rules: {rules_src} ({counted}). "
-            f"hermes-agent: set WEIXIN_BASE_URL={url} and WEIXIN_TOKEN (without WEIXIN_TOKEN the "
-            f'saved account\'s base_url wins); openclaw-weixin: set "baseUrl": "{url}" in '
-            f"<stateDir>/openclaw-weixin/accounts/<accountId>.json."
+            f"hermes-agent: set WEIXIN_BASE_URL={use} and WEIXIN_TOKEN (without WEIXIN_TOKEN the "
+            f'saved account\'s base_url wins); openclaw-weixin: set "baseUrl": "{use}" in '
+            f"<stateDir>/openclaw-weixin/accounts/<accountId>.json{note}."
         )
     hosts = ", ".join(s.ruleset.hosts) or "every host"
     return (
         f"{PROG} listening on {url} (forward mode, TLS intercepted only for {hosts}); rules: "
-        f"{rules_src} ({counted}). Gateways: set HTTPS_PROXY={url} and trust "
-        f"{s.confdir / CA_CERT_NAME} (see `{PROG} ca`)."
+        f"{rules_src} ({counted}). Gateways: set HTTPS_PROXY={use} and trust "
+        f"{s.confdir / CA_CERT_NAME} (see `{PROG} ca`){note}."
     )
 
 
