@@ -39,7 +39,6 @@ RUN apt-get update \
     && pip install --no-cache-dir /src \
     && pip uninstall --yes --quiet pip setuptools \
     && install -D -m 0644 /src/rules.yaml /rules/rules.yaml \
-    && install -m 0755 /src/docker/healthcheck.py /usr/local/bin/ilink-fixproxy-healthcheck \
     && rm -rf /src \
     && groupadd --system --gid 10001 fixproxy \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/fixproxy fixproxy \

@@ -1,12 +1,15 @@
-"""``python -m ilink_fixproxy.healthcheck [URL]``: exit 0 when the proxy's ``/healthz`` says ok.
+"""``ilink-fixproxy-healthcheck [URL]`` (or ``python -m ilink_fixproxy.healthcheck [URL]``): exit 0
+when the proxy's ``/healthz`` says ok.
 
 For Docker's HEALTHCHECK and similar probes: prints the endpoint's one-line answer (or why it
 could not be asked) and exits 0 for HTTP 200, 1 otherwise. Only the standard library, so a probe
 every few seconds costs no mitmproxy import. The endpoint is served by ``--metrics HOST:PORT``.
+Without URL: ``$ILINK_FIXPROXY_HEALTH_URL`` (the Docker image sets it), else the default below.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -31,9 +34,11 @@ def check(url: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1 or (args and args[0] in ("-h", "--help")):
-        print("usage: python -m ilink_fixproxy.healthcheck [URL]  (default " + DEFAULT_URL + ")")
+        print(
+            "usage: ilink-fixproxy-healthcheck [URL]  (default $ILINK_FIXPROXY_HEALTH_URL, else " + DEFAULT_URL + ")"
+        )
         return 0 if args and args[0] in ("-h", "--help") else 2
-    ok, text = check(args[0] if args else DEFAULT_URL)
+    ok, text = check(args[0] if args else os.environ.get("ILINK_FIXPROXY_HEALTH_URL") or DEFAULT_URL)
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
