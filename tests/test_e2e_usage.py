@@ -203,6 +203,33 @@ def test_running_with_a_corrupt_ca_is_one_line(mode: str, corrupt_ca: Path):
     assert_one_line(p, "the CA in", "is unreadable", "mitmproxy-ca")
 
 
+@pytest.fixture
+def encrypted_ca(tmp_path: Path) -> Path:
+    """A confdir whose CA key is encrypted with the passphrase "open sesame" (cert_passphrase)."""
+    from cryptography.hazmat.primitives import serialization
+    from mitmproxy import certs
+
+    key, cert = certs.create_ca("ilink-fixproxy tests", "encrypted CA", 2048)
+    conf = tmp_path / "encrypted"
+    conf.mkdir()
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"open sesame"),
+    )
+    (conf / "mitmproxy-ca.pem").write_bytes(pem_key + cert.public_bytes(serialization.Encoding.PEM))
+    return conf
+
+
+def test_an_encrypted_ca_key_needs_its_passphrase(encrypted_ca: Path):
+    assert_one_line(run("ca", "--confdir", str(encrypted_ca)), "cannot be read", "--set cert_passphrase=")
+    p = run("--listen", "127.0.0.1:0", "--confdir", str(encrypted_ca), "--set", "cert_passphrase=wrong")
+    assert_one_line(p, "is unreadable (wrong passphrase)")
+    ok = run("--set", "cert_passphrase=open sesame", "ca", "--confdir", str(encrypted_ca))
+    assert ok.returncode == 0, ok.stderr
+    assert "CA certificate:" in ok.stdout
+
+
 @pytest.mark.parametrize("command", [[], ["ca"]])
 @pytest.mark.parametrize("under", ["file", "file/sub"])
 def test_a_confdir_that_cannot_be_a_directory_is_one_line(command: list[str], under: str, tmp_path: Path):

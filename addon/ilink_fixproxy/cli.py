@@ -529,9 +529,8 @@ def load_ca(confdir: Path, passphrase: str | None = None) -> None:
     except OSError as e:
         raise UsageError(f"cannot create or read the CA in {confdir}: {e.strerror or e}") from None
     except TypeError as e:  # cryptography: a key encrypted without a passphrase given, or the reverse
-        raise UsageError(
-            f"the CA key {key_file} cannot be read: {e} (its passphrase: --set cert_passphrase=...)"
-        ) from None
+        hint = "" if passphrase else " (give its passphrase with --set cert_passphrase=...)"
+        raise UsageError(f"the CA key {key_file} cannot be read: {e}{hint}") from None
     except (ValueError, IndexError, RuntimeError) as e:
         # cryptography's reason is several lines of OpenSSL detail; the file is what matters.
         reason = (
@@ -679,7 +678,10 @@ async def serve(s: Settings) -> int:
         # the addon logs; --verbose brings it back.
         logging.getLogger("mitmproxy.proxy").setLevel(logging.WARNING)
 
-    opts = options.Options()
+    # The confdir from the start: when an option update fails (e.g. the --metrics port is taken)
+    # mitmproxy rolls the options back and re-configures the addons with the previous values, and
+    # TlsConfig then created a CA in the default ~/.mitmproxy.
+    opts = options.Options(confdir=str(s.confdir))
     # + capture, metrics, --ui
     m = cli_capture.make_master(opts, s, IlinkFixProxy(), StartupReport(s), FreezeStartupHeap())
     try:
