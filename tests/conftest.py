@@ -11,6 +11,7 @@ import shutil
 import signal
 import ssl
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,30 @@ from ilink_fixproxy.launcher import READY_MITMDUMP, ProxyProcess, ilink_fixproxy
 from ilink_fixproxy.sandbox import FakeILink, TestPKI, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The tests never touch the real home directory (the command's default confdir is ~/.mitmproxy):
+# HOME is an empty directory of its own for the whole run, inherited by every proxy process, and
+# a test that leaves anything in it fails (see `nothing_written_to_home`).
+HOME = Path(tempfile.mkdtemp(prefix="ilink-fixproxy-tests-home-"))
+os.environ["HOME"] = str(HOME)
+
+
+@pytest.fixture(autouse=True)
+def nothing_written_to_home() -> Iterator[None]:
+    yield
+    written = sorted(str(p.relative_to(HOME)) for p in HOME.rglob("*"))
+    for child in HOME.iterdir():  # the next test starts from an empty home again
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    assert not written, f"the test wrote into the home directory (give it its own --confdir): {written}"
+
+
+def pytest_sessionfinish() -> None:
+    shutil.rmtree(HOME, ignore_errors=True)
+
+
 SEND = "/ilink/bot/sendmessage"
 BOT_TOKEN = "e2e-bot@im.bot:S3cr3tB0tT0ken-do-not-log"
 HEADERS = {

@@ -150,9 +150,10 @@ def test_a_script_brings_in_every_addon(tmp_path: Path):
     assert order.index("IlinkFixProxy") < order.index("Save") < order.index("TlsConfig")
 
 
-def test_an_embedder_keeping_mitmproxys_flow_detail_gets_the_dumper_at_running():
+def test_an_embedder_keeping_mitmproxys_flow_detail_gets_the_dumper_at_running(tmp_path: Path):
     async def run() -> list[str]:
-        m = master.Master(options.Options(), with_termlog=False)
+        # Its own confdir: at `running` the addon opens its state file and the CA is made there.
+        m = master.Master(options.Options(confdir=str(tmp_path)), with_termlog=False)
         m.addons.add(*proxy_addons(IlinkFixProxy()))
         await m.addons.trigger_event(hooks.RunningHook())
         return flattened(m)

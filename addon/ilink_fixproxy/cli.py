@@ -14,6 +14,7 @@ import gc
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -21,7 +22,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__, cli_capture
@@ -41,11 +42,20 @@ class UsageError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other mistake (the usage is one --help away).
+
+    Subcommand parsers are of this class too (``add_subparsers`` uses the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: {message} (see `{self.prog} --help`)\n")
+
+
 # --------------------------------------------------------------------------- parsing
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(
@@ -219,25 +229,95 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) of ``HOST:PORT``, ``[IPv6]:PORT``; the host as given (see resolve_listen_host)."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8765")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8765 ([::1]:8765 for IPv6)")
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        if not _is_ipv6(inner):
+            raise UsageError(f"--listen {text!r}: expected an IPv6 address in brackets, e.g. [::1]:8765")
+        host = inner
+    elif ":" in host:
+        # "::1:8765" is itself a valid IPv6 address: which part is the port cannot be known.
+        example = f"[{host}]:{port_text}" if _is_ipv6(host) and port_text.isdigit() else "[::1]:8765"
+        raise UsageError(f"--listen {text!r}: put an IPv6 address in brackets, e.g. --listen {example}")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"--listen {text!r}: the port must be a number from 0 to 65535")
     return host, int(port_text)
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def resolve_listen_host(host: str, port: int) -> str:
+    """The IP address to listen on: `host` if it is one, else the name's first IPv4 address (its
+    first IPv6 one if it has none).
+
+    Why one literal address: in reverse mode to an https upstream mitmproxy also opens a UDP
+    (HTTP/3) listener in Rust, which takes only an IP address; a name such as ``localhost`` made it
+    fail with a Rust backtrace. The start line then shows the address really used."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) else "not a valid host name"
+        raise UsageError(f"--listen {host}:{port}: cannot resolve {host!r} ({reason})") from None
+    addrs = [info[4][0] for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    if not addrs:
+        raise UsageError(f"--listen {host}:{port}: {host!r} has no IPv4 or IPv6 address")
+    return next((a for a in addrs if ":" not in a), addrs[0])
+
+
+def redact_userinfo(url: str) -> str:
+    """`url` with anything between ``scheme://`` and the last ``@`` replaced: a password given in
+    a URL is never echoed, even when the URL is too broken to parse."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the user and password of every ``scheme://user:pw@`` in it replaced."""
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
+_URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^\s/@]*@")
+
+
 def parse_upstream(text: str) -> str:
-    parts = urlsplit(text)
+    shown = redact_userinfo(text)
+    if shown != text:  # checked first: urlsplit's errors could quote part of a password
+        raise UsageError(
+            f"--upstream {shown!r}: no user or password in the URL (iLink authenticates each request "
+            "with the gateway's bot token); give only scheme, host and port"
+        )
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError for a bad port
+    except ValueError as e:  # e.g. "https://[::1": an unclosed IPv6 bracket
+        raise UsageError(f"--upstream {text!r}: not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--upstream {text!r}: expected an http:// or https:// URL, e.g. {DEFAULT_UPSTREAM}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise UsageError(f"--upstream {text!r}: give only scheme, host and port (no path)")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise UsageError(f"--upstream {text!r}: invalid port") from None
+    if port == 0:
+        raise UsageError(f"--upstream {text!r}: invalid port")
+    from mitmproxy.net import server_spec
+
+    try:  # mitmproxy's own check of the reverse-mode target (host name syntax, IPv6 literal)
+        server_spec.parse(f"{parts.scheme}://{parts.netloc}", default_scheme="https")
+    except ValueError as e:
+        raise UsageError(f"--upstream {text!r}: {e}") from None
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -288,6 +368,7 @@ class Settings:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     host, port = parse_listen(args.listen)
+    host = resolve_listen_host(host, port)
     if args.mode == "forward" and args.upstream is not None:
         raise UsageError(
             "--upstream only applies to --mode reverse; in forward mode the gateway "
@@ -314,7 +395,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.upstream_ca:
         bundle = write_upstream_bundle(Path(args.upstream_ca), confdir)
     for item in args.setoptions:
-        if "=" not in item:
+        name, sep, _ = item.partition("=")
+        if not sep or not name.strip():
             raise UsageError(f"--set {item!r}: expected NAME=VALUE")
     return Settings(
         listen_host=host,
@@ -350,27 +432,141 @@ def write_upstream_bundle(ca: Path, confdir: Path) -> Path:
         raise UsageError(f"--upstream-ca {ca}: not a readable PEM certificate ({e})") from None
     if "BEGIN CERTIFICATE" not in extra:
         raise UsageError(f"--upstream-ca {ca}: no PEM certificate in it")
-    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bundle = confdir / UPSTREAM_BUNDLE_NAME
-    bundle.write_text(Path(certifi.where()).read_text("ascii") + "\n" + extra, "ascii")
+    try:
+        confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        bundle.write_text(Path(certifi.where()).read_text("ascii") + "\n" + extra, "ascii")
+    except OSError as e:  # the confdir is a file, or not writable
+        reason = "not a directory" if confdir.exists() and not confdir.is_dir() else e.strerror or e
+        raise UsageError(
+            f"--confdir {confdir}: cannot write {UPSTREAM_BUNDLE_NAME} there ({reason})"
+        ) from None
     return bundle
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(
+    host: str, port: int, *, udp: bool = False, flag: str = "--listen", what: str = "", hint: str = ""
+) -> None:
+    """Refuse in one line when `host:port` cannot be bound (TCP, or UDP with `udp`)."""
     if port == 0:
         return
+    socktype = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise UsageError(f"--listen {host}:{port}: cannot resolve {host!r} ({e.strerror})") from None
+        infos = socket.getaddrinfo(host, port, type=socktype, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, socket.gaierror) else "not a valid host name"
+        raise UsageError(f"{flag} {host}:{port}: cannot resolve {host!r} ({reason})") from None
     family, socktype, proto, _, addr = infos[0]
     with socket.socket(family, socktype, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+        if not udp:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
         try:
             s.bind(addr)
         except OSError as e:
             reason = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
-            raise UsageError(f"cannot listen on {host}:{port}: {reason}") from None
+            shown = f"[{host}]" if ":" in host else host
+            raise UsageError(f"cannot listen on {shown}:{port}{what}: {reason}{hint}") from None
+
+
+def has_udp_listener(s: Settings) -> bool:
+    """mitmproxy's reverse mode to an https upstream also listens on UDP (HTTP/3), same port."""
+    return s.mode == "reverse" and s.upstream.startswith("https://")
+
+
+def udp_listener_takes_bare_ipv6() -> bool:
+    """mitmproxy_rs before 0.12 (mitmproxy 11) parses the UDP listener's host as Rust's
+    ``SocketAddr``, which wants IPv6 in brackets, while the TCP listener (asyncio) wants it bare:
+    no IPv6 address works for both. From 0.12 (mitmproxy 12) it takes the bare address."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        numbers = version("mitmproxy_rs").split(".")[:2]
+        return tuple(int(n) for n in numbers) >= (0, 12)
+    except (PackageNotFoundError, ValueError):
+        return True  # unknown: let mitmproxy try
+
+
+def set_option_value(setoptions: list[str], name: str) -> str | None:
+    """The value `--set NAME=VALUE` gives option `name` (the last one wins, as in mitmproxy)."""
+    value = None
+    for item in setoptions:
+        key, _, v = item.partition("=")
+        if key.strip() == name:
+            value = v
+    return value
+
+
+def check_listen(s: Settings) -> None:
+    """Everything mitmproxy needs to listen where asked, checked before it starts: it reports
+    these failures with a traceback or a Rust backtrace."""
+    check_port_free(s.listen_host, s.listen_port)
+    if not has_udp_listener(s):
+        return
+    if ":" in s.listen_host and not udp_listener_takes_bare_ipv6():
+        raise UsageError(
+            f"--listen [{s.listen_host}]:{s.listen_port}: mitmproxy 11 cannot listen on an IPv6 address "
+            "in reverse mode to an https upstream (its HTTP/3 listener rejects it): listen on an IPv4 "
+            "address such as 127.0.0.1, or install mitmproxy 12"
+        )
+    check_port_free(s.listen_host, s.listen_port, udp=True, what=" (UDP, mitmproxy's HTTP/3 listener)")
+
+
+def check_ui_port_free(s: Settings) -> None:
+    """With --ui, the web UI's port (mitmweb's web_host/web_port options, 127.0.0.1:8081 unless set)."""
+    if not s.ui:
+        return
+    host = set_option_value(s.setoptions, "web_host") or "127.0.0.1"
+    port_text = (set_option_value(s.setoptions, "web_port") or "8081").strip()
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"--set web_port={port_text}: expected a port number from 0 to 65535")
+    check_port_free(
+        host,
+        int(port_text),
+        flag="--ui: web UI address",
+        what=" for the web UI (--ui)",
+        hint="; choose another port with --set web_port=PORT",
+    )
+
+
+def load_ca(confdir: Path, passphrase: str | None = None) -> None:
+    """Create the CA in `confdir` if there is none, and check it can be read, as mitmproxy will at
+    start; UsageError in one line otherwise (mitmproxy reports it as an "Addon error" traceback)."""
+    from mitmproxy import certs
+    from mitmproxy.options import KEY_SIZE
+
+    if confdir.exists() and not confdir.is_dir():
+        raise UsageError(f"--confdir {confdir}: not a directory")
+    key_file = confdir / "mitmproxy-ca.pem"
+    try:
+        certs.CertStore.from_store(
+            confdir, "mitmproxy", KEY_SIZE, passphrase.encode() if passphrase else None
+        )
+    except OSError as e:
+        raise UsageError(f"cannot create or read the CA in {confdir}: {e.strerror or e}") from None
+    except TypeError as e:  # cryptography: a key encrypted without a passphrase given, or the reverse
+        hint = "" if passphrase else " (give its passphrase with --set cert_passphrase=...)"
+        raise UsageError(f"the CA key {key_file} cannot be read: {e}{hint}") from None
+    except (ValueError, IndexError, RuntimeError) as e:
+        # cryptography's reason is several lines of OpenSSL detail; the file is what matters.
+        reason = (
+            "wrong passphrase"
+            if passphrase and "password" in str(e).lower()
+            else "not a PEM key and certificate"
+        )
+        raise UsageError(
+            f"the CA in {key_file} is unreadable ({reason}): restore it, or move the confdir's "
+            "mitmproxy-ca* files away to have a new CA created (forward-mode gateways then need "
+            "to trust the new one)"
+        ) from None
+
+
+def check_ca(s: Settings) -> None:
+    """The CA mitmproxy loads at start (in every mode), in the confdir it will use."""
+    confdir = set_option_value(s.setoptions, "confdir")
+    load_ca(
+        Path(os.path.expanduser(confdir)) if confdir else s.confdir,
+        set_option_value(s.setoptions, "cert_passphrase"),
+    )
 
 
 def mitmproxy_options(s: Settings) -> dict[str, object]:
@@ -524,7 +720,10 @@ async def serve(s: Settings) -> int:
         # the addon logs; --verbose brings it back.
         logging.getLogger("mitmproxy.proxy").setLevel(logging.WARNING)
 
-    opts = options.Options()
+    # The confdir from the start: when an option update fails (e.g. the --metrics port is taken)
+    # mitmproxy rolls the options back and re-configures the addons with the previous values, and
+    # TlsConfig then created a CA in the default ~/.mitmproxy.
+    opts = options.Options(confdir=str(s.confdir))
     # + capture, metrics, --ui
     m = cli_capture.make_master(opts, s, IlinkFixProxy(), StartupReport(s), FreezeStartupHeap())
     try:
@@ -534,7 +733,7 @@ async def serve(s: Settings) -> int:
     except KeyError as e:  # opts.update/set: names no addon declared
         raise UsageError(f"invalid option: {e.args[0] if e.args else e}") from None
     except (exceptions.OptionsError, ValueError, NotImplementedError) as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(redact_urls(str(e))) from None  # e.g. --set mode=reverse:https://u:pw@h
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_about_cancelled_connections)  # mitmproxy's own is set in run()
@@ -604,7 +803,7 @@ def check_state_free(s: Settings) -> None:
 
     if not (s.ruleset.uses_peer_state or s.defer):
         return
-    path = s.state or state_mod.default_path(str(s.confdir))
+    path = set_option_value(s.setoptions, "ilink_state") or s.state or state_mod.default_path(str(s.confdir))
     try:
         state_mod.StateStore(path).close()
     except state_mod.StateError as e:
@@ -627,7 +826,9 @@ async def graceful_shutdown(m: object, grace_s: float = 12.0) -> None:
 
 def run_proxy(args: argparse.Namespace) -> int:
     s = settings_from_args(args)
-    check_port_free(s.listen_host, s.listen_port)
+    check_listen(s)
+    check_ui_port_free(s)
+    check_ca(s)
     check_state_free(s)
     return asyncio.run(serve(s))
 
@@ -642,15 +843,9 @@ def cmd_check(path_arg: str | None) -> int:
     return 0
 
 
-def cmd_ca(confdir_arg: str | None) -> int:
-    from mitmproxy import certs
-    from mitmproxy.options import KEY_SIZE
-
+def cmd_ca(confdir_arg: str | None, passphrase: str | None = None) -> int:
     confdir = Path(os.path.expanduser(confdir_arg or DEFAULT_CONFDIR))
-    try:
-        certs.CertStore.from_store(confdir, "mitmproxy", KEY_SIZE)
-    except OSError as e:
-        raise UsageError(f"cannot create the CA in {confdir}: {e.strerror or e}") from None
+    load_ca(confdir, passphrase)
     cert = confdir / CA_CERT_NAME
     print(
         textwrap.dedent(f"""\
@@ -687,6 +882,8 @@ def cmd_state(action: str, peer: str | None, path: str | None, confdir: str | No
     from .peers import describe_state
     from .redact import token_hash
 
+    if action == "list" and peer:
+        raise UsageError(f"state list takes no argument (got {peer!r}); to forget a peer: state forget PEER")
     store = open_state_for_command(path, confdir)
     try:
         if action == "forget":
@@ -708,6 +905,10 @@ def cmd_outbox(action: str, target: str | None, path: str | None, confdir: str |
 
     from .redact import token_hash
 
+    if action == "list" and target:
+        raise UsageError(
+            f"outbox list takes no argument (got {target!r}); see outbox flush PEER, outbox drop ID"
+        )
     store = open_state_for_command(path, confdir)
     try:
         now = time.time()
@@ -755,7 +956,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args.path)
         if args.command == "ca":
-            return cmd_ca(args.ca_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None))
+            return cmd_ca(
+                args.ca_confdir or (args.confdir if args.confdir != DEFAULT_CONFDIR else None),
+                set_option_value(args.setoptions, "cert_passphrase"),
+            )
         # `--confdir` may come before the subcommand (global) or after it (the subcommand's own).
         confdir = getattr(args, "state_confdir", None) or (
             args.confdir if args.confdir != DEFAULT_CONFDIR else None

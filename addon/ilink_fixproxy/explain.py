@@ -37,7 +37,7 @@ from mitmproxy.io.har import request_to_flow
 
 from . import state as state_mod
 from .capture import endpoint_of, is_api_flow, iso_time, request_facts
-from .har import CaptureError, journal_files, read_journal
+from .har import CaptureError, facts_problem, journal_files, read_journal
 from .jsonedit import get_path, remove_member
 from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object
 from .redact import redact_value
@@ -188,22 +188,30 @@ def _load_file(path: Path) -> tuple[str, list[Recorded]]:
         except ValueError:
             doc = None  # several JSON objects: a journal (JSON lines)
         if isinstance(doc, dict) and isinstance(doc.get("log"), dict):
+            entries = doc["log"].get("entries", [])
+            if not isinstance(entries, list):
+                raise CaptureError(f"{path}: not a HAR file (log.entries is not a list)")
             out = []
-            for entry in doc["log"].get("entries", []):
+            for entry in entries:
                 try:
                     flow = request_to_flow(entry)
                 except Exception as e:  # mitmproxy's reader rejects the entry: say which one
                     raise CaptureError(f"{path}: unreadable HAR entry: {type(e).__name__}: {e}") from None
-                out.append(from_flow(flow, entry.get("_ilink_fixproxy")))
+                facts = entry.get("_ilink_fixproxy")
+                if problem := facts_problem(facts):
+                    raise CaptureError(f"{path}: unreadable HAR entry: _ilink_fixproxy: {problem}")
+                out.append(from_flow(flow, facts))
             return "HAR", out
         return "journal", [r for r in map(from_journal_record, read_journal([path])) if r]
     try:
         flows = io.read_flows_from_paths([str(path)])
     except Exception as e:
         raise CaptureError(f"{path}: not a journal, HAR or mitmproxy flow file ({e})") from None
-    return "flows", [
-        from_flow(f, f.metadata.get("ilink_fixproxy")) for f in flows if isinstance(f, http.HTTPFlow)
-    ]
+    flows = [f for f in flows if isinstance(f, http.HTTPFlow)]
+    for f in flows:
+        if problem := facts_problem(f.metadata.get("ilink_fixproxy")):
+            raise CaptureError(f"{path}: flow {f.id}: unreadable ilink_fixproxy metadata: {problem}")
+    return "flows", [from_flow(f, f.metadata.get("ilink_fixproxy")) for f in flows]
 
 
 # --------------------------------------------------------------------------- the upstream oracle

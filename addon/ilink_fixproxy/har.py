@@ -10,6 +10,7 @@ back. The result opens in browser devtools and in mitmproxy (``mitmproxy -r OUT.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,22 +19,108 @@ from urllib.parse import parse_qsl, urlsplit
 
 from mitmproxy import http, io
 from mitmproxy.addons.savehar import SaveHar
+from mitmproxy.net.http import url as mitmproxy_url
 
 from .capture import FACTS, FLOWS_NAME, JOURNAL_NAME, iso_time, rotated_files
+
+LATEST_TS = 253402300799  # 9999-12-31T23:59:59Z: the last time datetime can show
 
 
 class CaptureError(Exception):
     """A capture that cannot be read; the message says which file and why."""
 
 
+def is_journal_record(record: object) -> bool:
+    """An exchange (method and url) or an outbox event, as the Capture addon writes them."""
+    return isinstance(record, dict) and (("method" in record and "url" in record) or "event" in record)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _part_problem(name: str, part: object) -> str | None:
+    """What is wrong with a record's request or response part, if anything."""
+    if part is None:
+        return None
+    if not isinstance(part, dict):
+        return f"{name} is not an object"
+    headers = part.get("headers", [])
+    if not isinstance(headers, list) or not all(isinstance(h, list) and len(h) == 2 for h in headers):
+        return f"{name}.headers is not a list of [name, value] pairs"
+    for key in ("text", "http_version", "reason"):
+        if part.get(key) is not None and not isinstance(part[key], str):
+            return f"{name}.{key} is not a string"
+    if part.get("size") is not None and not _integer(part["size"]):
+        return f"{name}.size is not a whole number"
+    return None
+
+
+def facts_problem(facts: object) -> str | None:
+    """What is wrong with the proxy's facts about an exchange (a journal record, a HAR entry's
+    ``_ilink_fixproxy``, a flow's metadata), if anything: `explain` and the export rely on these."""
+    if facts is None:
+        return None
+    if not isinstance(facts, dict):
+        return "not an object"
+    attempts = facts.get("attempts")
+    if attempts is not None:
+        if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
+            return "attempts is not a list of objects"
+        for a in attempts:
+            if a.get("status") is not None and not _integer(a["status"]):
+                return "attempts[].status is not a whole number"
+            if a.get("token") is not None and not isinstance(a["token"], str):
+                return "attempts[].token is not a string"
+    for key in ("decision", "rule", "note", "comment", "time", "error"):
+        if facts.get(key) is not None and not isinstance(facts[key], str):
+            return f"{key} is not a string"
+    for key in ("ts", "upstream_ms", "total_ms"):
+        if facts.get(key) is not None and not _number(facts[key]):
+            return f"{key} is not a number"
+    if facts.get("ts") is not None and not 0 <= facts["ts"] <= LATEST_TS:
+        return "ts is not a time (seconds since 1970)"
+    if facts.get("status") is not None and not _integer(facts["status"]):
+        return "status is not a whole number"
+    return None
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with one journal record (see is_journal_record), if anything."""
+    if "method" not in record or "url" not in record:
+        return None  # an outbox event: nothing reads it back
+    if problem := facts_problem(record):
+        return problem
+    if not isinstance(record["method"], str) or not record["method"]:
+        return "method is not a string"
+    try:
+        if not isinstance(record["url"], str):
+            raise ValueError
+        mitmproxy_url.parse(record["url"])
+    except ValueError:
+        return "url is not an absolute http(s) URL"
+    return _part_problem("request", record.get("request")) or _part_problem(
+        "response", record.get("response")
+    )
+
+
 def read_journal(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
-    """Journal records (exchanges and outbox events) from journal files, in order."""
+    """Journal records (exchanges and outbox events) from journal files, in order.
+
+    CaptureError for a file that is not a journal: a line that is not a JSON object, or a file
+    with content but no journal record in it (which would otherwise read as "0 exchanges")."""
     for path in paths:
+        found = content = False
         try:
             with open(path, encoding="utf-8") as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
+                    content = True
                     try:
                         record = json.loads(line)
                     except ValueError:
@@ -42,10 +129,21 @@ def read_journal(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
                         if fh.readline():
                             raise CaptureError(f"{path}:{n}: not a journal line (invalid JSON)") from None
                         continue
-                    if isinstance(record, dict):
+                    if not isinstance(record, dict):
+                        raise CaptureError(f"{path}:{n}: not a journal line (not a JSON object)")
+                    if is_journal_record(record):
+                        if problem := record_problem(record):
+                            raise CaptureError(f"{path}:{n}: not a journal record ({problem})")
+                        found = True
                         yield record
         except OSError as e:
             raise CaptureError(f"{path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise CaptureError(f"{path}: not a journal (not UTF-8 text)") from None
+        if content and not found:
+            raise CaptureError(
+                f"{path}: not an ilink-fixproxy journal (no complete exchange or outbox record in it)"
+            )
 
 
 def journal_files(directory: Path) -> list[Path]:
