@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 DEFAULT_URL = "http://127.0.0.1:9464/healthz"
+USAGE = f"usage: ilink-fixproxy-healthcheck [URL]  (default $ILINK_FIXPROXY_HEALTH_URL, else {DEFAULT_URL})"
 TIMEOUT_S = 4.0  # under Docker HEALTHCHECK's usual --timeout=5s, so the reason still gets printed
 
 
@@ -34,9 +35,7 @@ def check(url: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1 or (args and args[0] in ("-h", "--help")):
-        print(
-            "usage: ilink-fixproxy-healthcheck [URL]  (default $ILINK_FIXPROXY_HEALTH_URL, else " + DEFAULT_URL + ")"
-        )
+        print(USAGE)
         return 0 if args and args[0] in ("-h", "--help") else 2
     ok, text = check(args[0] if args else os.environ.get("ILINK_FIXPROXY_HEALTH_URL") or DEFAULT_URL)
     print(text, file=sys.stdout if ok else sys.stderr)
