@@ -824,7 +824,20 @@ async def graceful_shutdown(m: object, grace_s: float = 12.0) -> None:
     m.shutdown()  # type: ignore[attr-defined]
 
 
+class StoppedBeforeServing(BaseException):
+    """SIGTERM arrived before the proxy listened: nothing was in flight, so stopping is a clean exit.
+    A BaseException (like KeyboardInterrupt), so no `except Exception` on the way swallows it."""
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise StoppedBeforeServing
+
+
 def run_proxy(args: argparse.Namespace) -> int:
+    # As PID 1 (the Docker image) a signal without a handler is ignored, so a `docker stop` during
+    # start-up would wait for its timeout and SIGKILL: handle SIGTERM from the start. serve()
+    # replaces this with the graceful stop once the event loop runs.
+    signal.signal(signal.SIGTERM, _stop_before_serving)
     s = settings_from_args(args)
     check_listen(s)
     check_ui_port_free(s)
@@ -983,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except StoppedBeforeServing:
+        return 0
 
 
 if __name__ == "__main__":
