@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ilink_fixproxy.launcher import clean_env
 
 
