@@ -23,7 +23,7 @@ from typing import Any
 from mitmproxy import http
 
 from .jsonedit import remove_member, set_value
-from .matching import AnswerSummary, answer_is_failure, parse_json_object
+from .matching import AnswerSummary, answer_is_failure, carries, parse_json_object
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer
 from .rules import Rule
@@ -67,11 +67,17 @@ class Outbox:
     def defer(
         self, rule: Rule, bot: str, peer: str, client_id: str | None, request: http.Request, via: Any
     ) -> tuple[str, int]:
-        """Queue a send; returns ("queued" | "duplicate" | "full", sends now queued for the peer)."""
+        """Queue a send; returns ("queued" | "duplicate" | "full" | "uneditable", sends now queued
+        for the peer). "uneditable": the body carries a context_token the edit cannot take out (a
+        UTF-8 BOM, UTF-16): not queued, since the outbox never stores a token in clear."""
         ps = rule.peer_state
         assert ps is not None
         raw = request.raw_content or b""
-        body = remove_member(raw, rule.action.remove) or raw
+        body = remove_member(raw, rule.action.remove)
+        if body is None:
+            if carries(parse_json_object(raw) or {}, rule.action.remove):
+                return "uneditable", self.store.outbox_count(bot, peer)
+            body = raw  # nothing to take out
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_STORED]
         self.expire(time.time())
         result, _ = self.store.enqueue(
