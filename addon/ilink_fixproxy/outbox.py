@@ -53,11 +53,17 @@ Event = dict[str, Any]
 
 class Outbox:
     def __init__(
-        self, store: StateStore, reissuer: Reissuer, rule_named: Callable[[str], Rule | None]
+        self,
+        store: StateStore,
+        reissuer: Reissuer,
+        rule_named: Callable[[str], Rule | None],
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.reissuer = reissuer
         self.rule_named = rule_named
+        self.clock = clock  # the wall clock; `explain` passes the capture's
         self.listeners: list[Callable[[Event], None]] = []
         self._active: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[int]] = set()
@@ -79,7 +85,7 @@ class Outbox:
                 return "uneditable", self.store.outbox_count(bot, peer)
             body = raw  # nothing to take out
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_STORED]
-        self.expire(time.time())
+        self.expire(self.clock())
         result, _ = self.store.enqueue(
             bot=bot,
             peer=peer,
@@ -90,7 +96,7 @@ class Outbox:
             headers=headers,
             body=body,
             via=via,
-            now=time.time(),
+            now=self.clock(),
             max_per_peer=ps.outbox.max_per_peer,
             max_total=ps.outbox.max_total,
         )
@@ -139,7 +145,7 @@ class Outbox:
 
     async def flush(self, bot: str, peer: str, token: str | None, authorization: str) -> int:
         """Deliver up to the rule's flush_max queued sends, oldest first; returns how many went."""
-        self.expire(time.time())
+        self.expire(self.clock())
         queued = self.store.outbox(bot, peer)
         if not queued:
             return 0
@@ -192,7 +198,7 @@ class Outbox:
             "client_id": q.client_id,
             "rule": rule.name,
             "ms": ms,
-            "queued_s": round(time.time() - q.created, 1),
+            "queued_s": round(self.clock() - q.created, 1),
             "answer": summary,
             "token": "fresh" if token else "none",
         }
@@ -200,7 +206,7 @@ class Outbox:
             self.store.dequeue(q.id)
             self.store.bump("delivered_late")
             if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
-                now = time.time()
+                now = self.clock()
                 headers = [
                     (k, v) for k, v in response.headers.items(multi=True) if k.lower() != "content-length"
                 ]
@@ -239,7 +245,7 @@ class Outbox:
         return False
 
     def _emit(self, event: Event) -> None:
-        event = {"time": time.time(), **event}
+        event = {"time": self.clock(), **event}
         for listener in list(self.listeners):
             try:
                 listener(event)

@@ -137,7 +137,7 @@ class PeerTracker:
         self.store = store
         self.reissuer = reissuer
         self.clock = clock  # None: time.time(), looked up at each call
-        self.outbox = Outbox(store, reissuer, rule_named)  # type: ignore[arg-type]
+        self.outbox = Outbox(store, reissuer, rule_named, clock=self._now)  # type: ignore[arg-type]
         # (bot, client_id) -> (what the store could not take, when): see _apply
         self._unstored: OrderedDict[tuple[str, str], tuple[MessageRecord, float]] = OrderedDict()
         self._storing = True  # False from a failed write to the next successful one (logged once)
@@ -197,7 +197,7 @@ class PeerTracker:
             return 0
         bot = self.bot_of(flow.request)
         self.remember_auth(bot, flow.request)
-        now = time.time()
+        now = self._now()
         seen = 0
         for msg in msgs:
             if not isinstance(msg, dict) or not (peer := _text(msg.get("from_user_id"))):
