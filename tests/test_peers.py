@@ -40,7 +40,9 @@ def test_a_send_is_stored_only_at_write_back_and_its_client_id_waits_until_then(
         flow, doc = send_flow(fake.url, "c-1")
         outcome = await tracker.handle(flow, rule, doc, write_back_later=True)
         assert outcome.decision == "passed" and outcome.response is not None
-        assert tracker.store.message(bot, "c-1", since=0) is None  # answered, not yet stored
+        # answered, not yet settled: only the attempt itself was stored, before it was sent
+        pending = tracker.store.message(bot, "c-1", since=0)
+        assert pending is not None and pending.state == "in-flight" and pending.status is None
         assert tracker.busy()  # a graceful shutdown waits for it
 
         # a retry of the same client_id waits for the write-back, then is answered from memory

@@ -22,12 +22,9 @@ fields of intermediate answers other than ret/errcode/errmsg).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,7 +270,7 @@ class Oracle:
 
 
 class OracleReissuer:
-    """Stands in for reissue.Reissuer in the replayed PeerTracker."""
+    """The replayed engine's upstream (a `ports.Upstream`): answers from the capture."""
 
     def __init__(self) -> None:
         self.oracle: Oracle | None = None
@@ -291,39 +288,6 @@ class OracleReissuer:
             # e.g. a deferred delivery: not part of the exchange being replayed
             raise ReissueError("not replayed offline", sent=False)
         return oracle.answer(oracle.kind_of(body, self.original))
-
-
-class _Clock:
-    """time.time() that follows the capture; everything else is the real time module."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def time(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-@contextlib.contextmanager
-def _replay_clock(clock: _Clock) -> Iterator[None]:
-    """The peer-state modules read time.time(); during the replay they read the capture's time."""
-    import importlib
-
-    names = ("ilink_fixproxy.peers", "ilink_fixproxy.outbox", "ilink_fixproxy.state")
-    modules = []
-    for name in names:
-        with contextlib.suppress(ImportError):
-            modules.append(importlib.import_module(name))
-    saved = [(m, m.time) for m in modules if getattr(m, "time", None) is time]
-    for m, _ in saved:
-        m.time = clock  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for m, real in saved:
-            m.time = real  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- replaying
@@ -349,22 +313,24 @@ class Replay:
     def __init__(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self.reissuer = OracleReissuer()
+        self.now = 0.0  # the capture's time of the record being replayed
         self.tracker: Any = None
         if ruleset.uses_peer_state:
             from .peers import PeerTracker
 
-            self.tracker = PeerTracker(state_mod.StateStore(state_mod.MEMORY), self.reissuer)  # type: ignore[arg-type]
+            # The proxy's own engine and core, with the capture's clock and the oracle upstream.
+            self.tracker = PeerTracker(
+                state_mod.StateStore(state_mod.MEMORY), self.reissuer, clock=lambda: self.now
+            )
 
     async def explain(self, records: list[Recorded]) -> list[Explained]:
-        clock = _Clock()
         out = []
-        with _replay_clock(clock):
-            for r in records:
-                clock.now = r.ts
-                try:
-                    out.append(await self.one(r))
-                except Unknown as e:
-                    out.append(Explained(r, UNKNOWN, detail=str(e)))
+        for r in records:
+            self.now = r.ts
+            try:
+                out.append(await self.one(r))
+            except Unknown as e:
+                out.append(Explained(r, UNKNOWN, detail=str(e)))
         if self.tracker is not None:
             outbox = getattr(self.tracker, "outbox", None)
             if outbox is not None and hasattr(outbox, "aclose"):

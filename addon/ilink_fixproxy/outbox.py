@@ -23,7 +23,7 @@ from typing import Any
 from mitmproxy import http
 
 from .jsonedit import remove_member, set_value
-from .matching import AnswerSummary, answer_is_failure, parse_json_object
+from .matching import AnswerSummary, answer_is_failure, carries, parse_json_object
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer
 from .rules import Rule
@@ -53,11 +53,17 @@ Event = dict[str, Any]
 
 class Outbox:
     def __init__(
-        self, store: StateStore, reissuer: Reissuer, rule_named: Callable[[str], Rule | None]
+        self,
+        store: StateStore,
+        reissuer: Reissuer,
+        rule_named: Callable[[str], Rule | None],
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.reissuer = reissuer
         self.rule_named = rule_named
+        self.clock = clock  # the wall clock; `explain` passes the capture's
         self.listeners: list[Callable[[Event], None]] = []
         self._active: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[int]] = set()
@@ -67,13 +73,19 @@ class Outbox:
     def defer(
         self, rule: Rule, bot: str, peer: str, client_id: str | None, request: http.Request, via: Any
     ) -> tuple[str, int]:
-        """Queue a send; returns ("queued" | "duplicate" | "full", sends now queued for the peer)."""
+        """Queue a send; returns ("queued" | "duplicate" | "full" | "uneditable", sends now queued
+        for the peer). "uneditable": the body carries a context_token the edit cannot take out (a
+        UTF-8 BOM, UTF-16): not queued, since the outbox never stores a token in clear."""
         ps = rule.peer_state
         assert ps is not None
         raw = request.raw_content or b""
-        body = remove_member(raw, rule.action.remove) or raw
+        body = remove_member(raw, rule.action.remove)
+        if body is None:
+            if carries(parse_json_object(raw) or {}, rule.action.remove):
+                return "uneditable", self.store.outbox_count(bot, peer)
+            body = raw  # nothing to take out
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_STORED]
-        self.expire(time.time())
+        self.expire(self.clock())
         result, _ = self.store.enqueue(
             bot=bot,
             peer=peer,
@@ -84,7 +96,7 @@ class Outbox:
             headers=headers,
             body=body,
             via=via,
-            now=time.time(),
+            now=self.clock(),
             max_per_peer=ps.outbox.max_per_peer,
             max_total=ps.outbox.max_total,
         )
@@ -133,7 +145,7 @@ class Outbox:
 
     async def flush(self, bot: str, peer: str, token: str | None, authorization: str) -> int:
         """Deliver up to the rule's flush_max queued sends, oldest first; returns how many went."""
-        self.expire(time.time())
+        self.expire(self.clock())
         queued = self.store.outbox(bot, peer)
         if not queued:
             return 0
@@ -186,7 +198,7 @@ class Outbox:
             "client_id": q.client_id,
             "rule": rule.name,
             "ms": ms,
-            "queued_s": round(time.time() - q.created, 1),
+            "queued_s": round(self.clock() - q.created, 1),
             "answer": summary,
             "token": "fresh" if token else "none",
         }
@@ -194,7 +206,7 @@ class Outbox:
             self.store.dequeue(q.id)
             self.store.bump("delivered_late")
             if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
-                now = time.time()
+                now = self.clock()
                 headers = [
                     (k, v) for k, v in response.headers.items(multi=True) if k.lower() != "content-length"
                 ]
@@ -233,7 +245,7 @@ class Outbox:
         return False
 
     def _emit(self, event: Event) -> None:
-        event = {"time": time.time(), **event}
+        event = {"time": self.clock(), **event}
         for listener in list(self.listeners):
             try:
                 listener(event)

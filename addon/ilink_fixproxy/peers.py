@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,13 +28,35 @@ from typing import Any
 
 from mitmproxy import http
 
+from .core import policy
+from .core.model import (
+    CloseWindow,
+    Cooling,
+    CountRateLimit,
+    Decision,
+    Defer,
+    Effect,
+    Go,
+    LocalAnswer,
+    MarkStale,
+    MessageRecord,
+    MessageState,
+    OpenWindow,
+    SettleMessage,
+    Snapshot,
+    StartCooldown,
+    StoredAnswer,
+    Verdict,
+    Window,
+)
 from .health import STATE, Health, component_of
-from .jsonedit import get_path, remove_member, replace_value
-from .matching import AnswerSummary, answer_is_failure, parse_json_object
+from .jsonedit import get_path
+from .matching import AnswerSummary, parse_json_object
 from .outbox import Outbox
+from .ports import Store, Upstream
 from .redact import token_hash
-from .reissue import ReissueError, Reissuer
-from .rules import PeerState, Rule
+from .reissue import ReissueError
+from .rules import Rule
 from .state import Peer, StateStore
 
 log = logging.getLogger("ilink_fixproxy")
@@ -45,6 +68,10 @@ FRESH_CACHE_SIZE = 100_000
 FIRST_ATTEMPT_TIMEOUT_S = 60.0
 # Nor by the buffer limit: it stands in for mitmproxy's forwarding, which has no such cap.
 FIRST_ATTEMPT_MAX_BYTES = 64 * 1024 * 1024
+# Messages the store could not take (a full disk, a locked file), kept in memory so a retry is
+# still answered from them; the newest this many.
+UNSTORED_MAX = 100_000
+_STORE_ERRORS = (sqlite3.Error, OSError)
 _STORED_HEADER_SKIP = frozenset(
     {"content-length", "content-encoding", "transfer-encoding", "date", HEADER.lower()}
 )
@@ -55,7 +82,7 @@ class Outcome:
     """What one message's exchange ended with."""
 
     response: http.Response | None  # None: hand the flow back to mitmproxy's own forwarding
-    decision: str
+    decision: Decision
     accepted: bool = False
     trace: tuple[dict[str, Any], ...] = ()  # one entry per upstream attempt (see attempt_record)
     # What the send taught us, still to be stored (PeerTracker.handle's write_back_later)
@@ -64,14 +91,6 @@ class Outcome:
 
 # Outcome.record, the send's single-flight key and its done future (see PeerTracker.handle)
 _Unwritten = tuple[Callable[[], None], tuple[str, str] | None, asyncio.Future[None]]
-
-
-@dataclass
-class _Attempt:
-    token: str | None
-    response: http.Response
-    body: bytes
-    doc: dict[str, Any] | None
 
 
 @dataclass
@@ -86,11 +105,8 @@ class _Send:
     client_id: str | None
     token: str | None  # the token the gateway sent (None: none)
     deadline: float
-    budget: int  # upstream attempts this message may still use
-    attempts: list[_Attempt] = field(default_factory=list)
-    sent: int = 0  # attempts that (may have) reached the upstream
+    began: int = 0  # attempts begun: sent, or about to be (it may have reached iLink)
     trace: list[dict[str, Any]] = field(default_factory=list)
-    reissue_failed: bool = False
 
 
 def _text(value: Any) -> str | None:
@@ -112,11 +128,20 @@ def _local_response(
 
 class PeerTracker:
     def __init__(
-        self, store: StateStore, reissuer: Reissuer, rule_named: Callable[[str], Rule | None] = lambda _: None
+        self,
+        store: StateStore | Store,
+        reissuer: Upstream,
+        rule_named: Callable[[str], Rule | None] = lambda _: None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
         self.reissuer = reissuer
-        self.outbox = Outbox(store, reissuer, rule_named)
+        self.clock = clock  # None: time.time(), looked up at each call
+        self.outbox = Outbox(store, reissuer, rule_named, clock=self._now)  # type: ignore[arg-type]
+        # (bot, client_id) -> (what the store could not take, when): see _apply
+        self._unstored: OrderedDict[tuple[str, str], tuple[MessageRecord, float]] = OrderedDict()
+        self._storing = True  # False from a failed write to the next successful one (logged once)
         # The bots' Authorization values, in memory only: deferred sends are stored without them
         # and delivered with the credentials of the bot's latest request.
         self._auth: dict[str, str] = {}
@@ -147,14 +172,11 @@ class PeerTracker:
             return
         for record, key, done in pending:
             try:
-                record()
+                record()  # _apply: store faults are handled there
             except Exception as e:  # the gateway has its answer; only our memory of it is lost
                 log.warning(f"peer state: could not record a send: {type(e).__name__}: {e}")
                 if self.health is not None:
                     self.health.failed(component_of(e), e)
-            else:
-                if self.health is not None:
-                    self.health.succeeded(STATE)
             finally:
                 self._settle(key, done)
 
@@ -179,7 +201,7 @@ class PeerTracker:
             return 0
         bot = self.bot_of(flow.request)
         self.remember_auth(bot, flow.request)
-        now = time.time()
+        now = self._now()
         seen = 0
         for msg in msgs:
             if not isinstance(msg, dict) or not (peer := _text(msg.get("from_user_id"))):
@@ -226,21 +248,24 @@ class PeerTracker:
 
     # ------------------------------------------------------------------ a send
 
+    def _now(self) -> float:
+        return self.clock() if self.clock is not None else time.time()
+
     async def handle(
         self, flow: http.HTTPFlow, rule: Rule, doc: dict[str, Any], *, write_back_later: bool = False
     ) -> Outcome:
         """Deliver one sendmessage, repairing it if it fails. With `write_back_later` what it
         taught us is stored only at write_back(flow.id): the addon calls that once the answer
         is on its way to the gateway, so the store's commit is not part of the send's latency.
-        Until then a retry of the same client_id waits, as for a send still under way."""
+        Until then a retry of the same client_id waits, as for a send still under way.
+        (Each attempt itself is stored before it is sent: see _begin_attempt.)"""
         ps = rule.peer_state
         assert ps is not None
-        now = time.time()
         bot = self.bot_of(flow.request)
         peer = _text(get_path(doc, ps.peer)[1])
         client_id = _text(get_path(doc, ps.client_id)[1])
         key = (bot, client_id) if client_id else None
-        token = _text(get_path(doc, rule.action.remove)[1])
+        token = _token(*get_path(doc, rule.action.remove))
         flow.metadata.setdefault("ilink_fixproxy", {}).update(
             {
                 "bot": bot[:12],
@@ -251,45 +276,25 @@ class PeerTracker:
         )
 
         self.remember_auth(bot, flow.request)
-        if key and (running := self._inflight.get(key)) is not None:
-            await asyncio.shield(running)  # a retry of a message still on its way: wait for it
-        # What the store knows about this send, looked up together (one transaction: see batch)
-        closable = ps.on_closed in ("answer-locally", "defer")
-        with self.store.batch(write=False):
-            queued = self.store.queued_id(bot, client_id) if client_id and peer else None
-            msg = self.store.message(bot, client_id, since=now - ps.dedupe_s) if client_id else None
-            cooldown = self.store.cooldown(bot, now)
-            p = self.store.peer(bot, peer) if peer and closable else None
-        if queued is not None and peer:
-            return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, None)
-        prior = 0
-        if msg and msg.accepted and msg.status is not None:
-            note = f"replayed; rule={rule.name}; iLink already accepted this client_id"
+        # A retry of a message still on its way waits for it, then looks again: the exchange it
+        # waited for may have settled the message (replayed), used its attempts (answered
+        # locally) or lost its answer (one more attempt, if any is left). Another waiter may
+        # have started an exchange meanwhile: wait for that one too.
+        while key and (running := self._inflight.get(key)) is not None:
+            await asyncio.shield(running)
+        now = self._now()
+        snap = self._snapshot(rule, bot, peer, client_id, token, now)
+        gate = policy.gate(snap, rule, now)
+        if isinstance(gate, LocalAnswer):
             return Outcome(
-                _local_response(msg.status, msg.body or b"", note, msg.headers), "replayed", accepted=True
+                _local_response(gate.status, gate.body, gate.note, _list(gate.headers)), gate.decision
             )
-        if msg:
-            prior = msg.attempts
-            if prior >= ps.max_attempts and msg.status is not None:
-                note = (
-                    f"answered-locally; reason=attempts-used; rule={rule.name}; "
-                    f"attempts={prior}; answer={AnswerSummary.of(msg.status, msg.body).short()}"
+        if isinstance(gate, Defer):
+            if peer:
+                return self._deferred(
+                    rule, bot, peer, client_id, flow.request, flow.server_conn.via, gate.refusal
                 )
-                return Outcome(
-                    _local_response(msg.status, msg.body or b"", note, msg.headers), "answered-locally"
-                )
-        if cooldown is not None:
-            note = f"answered-locally; reason=cooling-down; rule={rule.name}; for={cooldown.until - now:.0f}s"
-            return Outcome(_local_response(cooldown.status, cooldown.body, note), "answered-locally")
-        if peer and p and p.closed_until and p.closed_until > now and p.closed_status is not None:
-            if ps.on_closed == "defer":
-                refusal = (p.closed_status, p.closed_body or b"")
-                return self._deferred(rule, bot, peer, client_id, flow.request, flow.server_conn.via, refusal)
-            note = (
-                f"answered-locally; reason=window-closed; rule={rule.name}; "
-                f"until-inbound-or={p.closed_until - now:.0f}s"
-            )
-            return Outcome(_local_response(p.closed_status, p.closed_body or b"", note), "answered-locally")
+            gate = Go(prior=snap.message.attempts if snap.message else 0)  # nobody to defer for
 
         send = _Send(
             rule=rule,
@@ -300,7 +305,6 @@ class PeerTracker:
             client_id=client_id,
             token=token,
             deadline=flow.request.timestamp_start + rule.action.deadline_s,
-            budget=max(ps.max_attempts - prior, 0),
         )
         # Run right here, in mitmproxy's hook task: mitmproxy never cancels a hook task when the
         # gateway hangs up (it only abandons its own upstream exchange; proxy/server.py in 11.0
@@ -311,7 +315,21 @@ class PeerTracker:
             self._inflight[key] = done
         outcome = None
         try:
-            outcome = await self._exchange(send)
+            try:
+                outcome = await self._exchange(
+                    send,
+                    policy.Exchange(
+                        rule, snap, gate.prior, token, flow.request.raw_content or b"", peer, send.deadline
+                    ),
+                )
+            except Exception as e:
+                if not send.began:
+                    raise  # nothing went upstream: the addon lets mitmproxy forward it as usual
+                # Something may have reached iLink: never hand the flow back to be sent again.
+                log.warning(f"sendmessage: {type(e).__name__} after sending; the gateway gets HTTP 502")
+                outcome = Outcome(
+                    _failed_response(rule, "internal error after sending"), Decision.UPSTREAM_FAILED
+                )
             return outcome
         finally:
             if outcome is not None and outcome.record is not None:
@@ -321,60 +339,257 @@ class PeerTracker:
             else:
                 self._settle(key, done)
 
-    async def _exchange(self, send: _Send) -> Outcome:
+    def _snapshot(
+        self, rule: Rule, bot: str, peer: str | None, client_id: str | None, token: str | None, now: float
+    ) -> Snapshot:
+        """What the store knows about this send, looked up together (one transaction: see batch)."""
+        ps = rule.peer_state
+        assert ps is not None
+        closable = ps.on_closed in ("answer-locally", "defer")
+        store = self.store
+        with store.batch(write=False):
+            queued = store.queued_id(bot, client_id) is not None if client_id and peer else False
+            message = self._message(bot, client_id, now - ps.dedupe_s) if client_id else None
+            cooldown = store.cooldown(bot, now)
+            p = store.peer(bot, peer) if peer and closable else None
+            fresh = self.fresh_token(bot, peer) if ps.substitute_fresh and token is not None else None
+            original_stale = (
+                ps.remember_stale and token is not None and store.is_stale(bot, store.keyed_hash(token))
+            )
+            fresh_stale = fresh is not None and store.is_stale(bot, store.keyed_hash(fresh))
+        return Snapshot(
+            message=message,
+            cooldown=Cooling(cooldown.until, cooldown.status, cooldown.body) if cooldown else None,
+            window=Window(p.closed_until, p.closed_status, p.closed_body) if p else None,
+            queued=queued,
+            fresh=fresh,
+            original_stale=original_stale,
+            fresh_stale=fresh_stale,
+        )
+
+    def _message(self, bot: str, client_id: str, since: float) -> MessageRecord | None:
+        """The message as known here: what could not be stored (memory), else the store."""
+        if (kept := self._unstored.get((bot, client_id))) is not None and kept[1] >= since:
+            return kept[0]
+        m = self.store.message(bot, client_id, since=since)
+        if m is None:
+            return None
+        if m.state:
+            state = MessageState(m.state)
+        else:  # written by a version without message states
+            state = MessageState.ACCEPTED if m.accepted else MessageState.TRANSIENT
+        answer = StoredAnswer(m.status, tuple(m.headers), m.body or b"") if m.status is not None else None
+        return MessageRecord(state, m.attempts, answer)
+
+    # ------------------------------------------------------------------ the store, and its faults
+
+    def _begin_attempt(self, send: _Send, x: policy.Exchange) -> None:
+        """Store one more attempt as in flight before it is sent (a crash or a lost answer still
+        counts it). If the store cannot, the send still goes, once: remembered in memory."""
+        send.began += 1
+        if not send.client_id:
+            return
         ps = send.rule.peer_state
         assert ps is not None
-        first, decision = self._first_token(send, ps)
-        original = send.request.raw_content or b""
+        now = self._now()
+        record = MessageRecord(MessageState.IN_FLIGHT, x.prior + x.made)
         try:
-            await self._attempt(send, first, original, FIRST_ATTEMPT_TIMEOUT_S, FIRST_ATTEMPT_MAX_BYTES)
-        except ReissueError as e:
-            if not e.sent:
-                log.warning(f"sendmessage: cannot reach upstream ({e}); mitmproxy forwards it instead")
-                return Outcome(None, "fallback", trace=tuple(send.trace))
-            self._record(send, accepted=False, status=502, headers=[], body=b"")
-            note = f"upstream-failed; rule={send.rule.name}; {e}"
-            log.warning(f"sendmessage to {token_hash(send.peer)}: {e}; the gateway gets HTTP 502")
-            return Outcome(
-                _local_response(502, f"ilink-fixproxy: {e}".encode(), note, [("Content-Type", "text/plain")]),
-                "upstream-failed",
-                trace=tuple(send.trace),
+            self.store.begin_attempt(send.bot, send.client_id, now, since=now - ps.dedupe_s)
+        except _STORE_ERRORS as e:
+            self._store_failed(e)
+            self._remember(send.bot, send.client_id, record, now)
+        else:
+            self._store_ok()
+            if (send.bot, send.client_id) in self._unstored:
+                self._remember(send.bot, send.client_id, record, now)  # memory stays the newer
+
+    def _remember(self, bot: str, client_id: str, record: MessageRecord, now: float) -> None:
+        self._unstored[(bot, client_id)] = (record, now)
+        self._unstored.move_to_end((bot, client_id))
+        if len(self._unstored) > UNSTORED_MAX:
+            self._unstored.popitem(last=False)
+
+    def _store_failed(self, e: BaseException) -> None:
+        if self.health is not None:  # every fault, not only the first: /healthz counts them
+            self.health.failed(STATE, e)  # (an OSError here is the store's: disk full, I/O)
+        if self._storing:
+            self._storing = False
+            log.warning(
+                f"peer state: cannot persist sends in {self.store.path} ({type(e).__name__}: {e}); "
+                "each send still goes upstream at most once, remembered in memory only (until a "
+                "restart) until the store works again"
             )
 
-        while self._failed(send) and send.sent < min(send.budget, 1 + send.rule.action.retries):
-            nxt = self._next_token(send, ps)
-            if nxt is False:
-                break
+    def _store_ok(self) -> None:
+        if self.health is not None:
+            self.health.succeeded(STATE)
+        if not self._storing:
+            self._storing = True
+            log.warning(f"peer state: {self.store.path} is writable again")
+
+    def _apply(self, send: _Send, effects: tuple[Effect, ...], now: float) -> None:
+        """Store what a send taught us (one commit); what cannot be stored about the message
+        itself is kept in memory, so a retry is still answered from it."""
+        ps = send.rule.peer_state
+        assert ps is not None
+        store = self.store
+        # (looked up first: any write of the batch may be the one that fails)
+        settled = next((e.record for e in effects if isinstance(e, SettleMessage)), None)
+        try:
+            with store.batch(write=True):
+                for effect in effects:
+                    if isinstance(effect, SettleMessage):
+                        if send.client_id:
+                            answer = effect.record.answer
+                            store.settle_message(
+                                send.bot,
+                                send.client_id,
+                                effect.record.state.value,
+                                effect.record.attempts,
+                                (answer.status, list(answer.headers), answer.body) if answer else None,
+                                now,
+                                since=now - ps.dedupe_s,
+                            )
+                    elif isinstance(effect, MarkStale):
+                        store.mark_stale(send.bot, store.keyed_hash(effect.token), send.peer or "", now)
+                    elif isinstance(effect, OpenWindow) and send.peer:
+                        store.open_window(send.bot, send.peer, now)
+                    elif isinstance(effect, CloseWindow) and send.peer:
+                        store.close_window(send.bot, send.peer, effect.until, effect.status, effect.body, now)
+                    elif isinstance(effect, StartCooldown):
+                        store.start_cooldown(send.bot, effect.until, effect.status, effect.body, now)
+        except _STORE_ERRORS as e:
+            self._store_failed(e)
+            if settled is not None and send.client_id:
+                self._remember(send.bot, send.client_id, settled, now)
+            return
+        self._store_ok()
+        if send.client_id:
+            self._unstored.pop((send.bot, send.client_id), None)
+
+    # ------------------------------------------------------------------ the exchange
+
+    async def _exchange(self, send: _Send, x: policy.Exchange) -> Outcome:
+        rule = send.rule
+        ps = rule.peer_state
+        assert ps is not None
+        answers: list[tuple[http.Response, bytes]] = []  # the answers x.tried lists, as received
+        step: policy.Step | None = x.first()
+        while step is not None:
+            self._begin_attempt(send, x)
+            started = time.monotonic()
             try:
-                await self._attempt(send, nxt, original, send.deadline - time.time())
-                if send.reissue_failed:
-                    log.warning(
-                        f"sendmessage to peer {token_hash(send.peer)}: re-issue answer unusable "
-                        f"({send.trace[-1].get('status')}); the original answer is kept"
-                    )
-                    break
+                first = step.timeout is None
+                response = await self.reissuer.send(
+                    send.request,
+                    step.body,
+                    send.via,
+                    FIRST_ATTEMPT_TIMEOUT_S if first else step.timeout,  # type: ignore[arg-type]
+                    FIRST_ATTEMPT_MAX_BYTES if first else None,
+                )
             except ReissueError as e:
+                send.trace.append(
+                    attempt_record(None, None, (time.monotonic() - started) * 1000, step.kind, str(e))
+                )
+                x.lost(e.sent, str(e))
+            else:
+                try:
+                    content: bytes | None = response.get_content(strict=True) or b""
+                except ValueError:
+                    content = None
+                send.trace.append(
+                    attempt_record(
+                        response.status_code, content or b"", (time.monotonic() - started) * 1000, step.kind
+                    )
+                )
+                doc = parse_json_object(content) if content is not None else None
+                fields = response.headers.items(multi=True)
+                headers = tuple((k, v) for k, v in fields if k.lower() not in _STORED_HEADER_SKIP)
+                tried = len(x.tried)
+                x.answered(response.status_code, headers, content, doc)
+                if len(x.tried) > tried:
+                    answers.append((response, content or b""))
+            step = x.next(self._now())
+        now = self._now()
+        c = x.conclude(now)
+        trace = tuple(send.trace)
+        if c.decision is Decision.FALLBACK:
+            log.warning(f"sendmessage: cannot reach upstream ({x.errors[-1]}); mitmproxy forwards it instead")
+            self._apply(send, c.effects, now)
+            return Outcome(None, c.decision, trace=trace)
+        if c.decision is Decision.UPSTREAM_FAILED:
+            self._apply(send, c.effects, now)
+            error = x.errors[-1]
+            log.warning(f"sendmessage to {token_hash(send.peer)}: {error}; the gateway gets HTTP 502")
+            return Outcome(_failed_response(rule, error), c.decision, trace=trace)
+        if x.reissue_failed:
+            if x.reissue_transient:
+                log.warning(
+                    f"sendmessage to peer {token_hash(send.peer)}: re-issue answer unusable "
+                    f"({send.trace[-1].get('status')}); the original answer is kept"
+                )
+            else:
                 # Never worse than no proxy: the answer already received goes back unchanged, and
                 # an attempt whose fate is unknown teaches us nothing about the peer or the bot.
                 log.warning(
-                    f"sendmessage to peer {token_hash(send.peer)}: re-issue failed ({e}); "
+                    f"sendmessage to peer {token_hash(send.peer)}: re-issue failed ({x.errors[-1]}); "
                     "the original answer is kept"
                 )
-                send.reissue_failed = True
-                break
-        outcome = self._conclude(send, decision)
-        if outcome.decision == "window-closed" and ps.on_closed == "defer" and send.peer:
-            final = send.attempts[-1]
+        if x.uneditable:
+            log.warning(
+                f"sendmessage to peer {token_hash(send.peer)}: refused, and its body cannot be edited "
+                f"to drop {'.'.join(rule.action.remove)} (not plain UTF-8 JSON): not re-issued"
+            )
+        decision = c.decision
+        effects = c.effects
+        final, final_body = answers[-1]
+        first, first_body = answers[0]
+        if any(isinstance(e, CountRateLimit) for e in effects):
+            # Stored now: whether it starts a cooldown is part of the answer.
+            assert c.final is not None
+            try:
+                with self.store.batch(write=True):
+                    limited = self.store.count_limited(send.bot, now, ps.cooldown.within_s)
+                    decision, cooldown = policy.after_rate_limit(
+                        rule, limited, c.final.status, c.final.body, now
+                    )
+                    if cooldown is not None:
+                        self._apply(send, (cooldown,), now)
+            except _STORE_ERRORS as e:
+                self._store_failed(e)
+
+        # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy
+        # did; and nothing is worked out for a line nobody will see.
+        if decision != Decision.PASSED or log.isEnabledFor(logging.DEBUG):
+            summary_final = AnswerSummary.of(final.status_code, final_body).short()
+            tokens = " -> ".join(c.kinds)
+            if decision not in (Decision.PASSED, Decision.REISSUE_FAILED):
+                summary_first = AnswerSummary.of(first.status_code, first_body).short()
+                final.headers[HEADER] = (
+                    f"{decision}; rule={rule.name}; attempts={len(answers)}; tokens={tokens}; "
+                    f"first={summary_first}; now={summary_final}"
+                )
+            (log.debug if decision == Decision.PASSED else log.info)(
+                f"{decision}: sendmessage to peer {token_hash(send.peer)} client_id {send.client_id or '-'} "
+                f"with context_token {token_hash(send.token)}: {len(answers)} attempt(s) [{tokens}]: "
+                f"{summary_final}"
+            )
+        record = functools.partial(self._apply, send, effects, now)
+        accepted = (
+            c.final is not None and c.final.verdict is Verdict.SUCCESS and decision != Decision.REISSUE_FAILED
+        )
+        outcome = Outcome(final, decision, accepted=accepted, trace=trace, record=record)
+        if decision is Decision.WINDOW_CLOSED and ps.on_closed == "defer" and send.peer:
             deferred = self._deferred(
-                send.rule,
+                rule,
                 send.bot,
                 send.peer,
                 send.client_id,
                 send.request,
                 send.via,
-                (final.response.status_code, final.body),
+                (final.status_code, final_body),
             )
-            return Outcome(deferred.response, deferred.decision, trace=outcome.trace, record=outcome.record)
+            return Outcome(deferred.response, deferred.decision, trace=trace, record=record)
         return outcome
 
     def _deferred(
@@ -397,7 +612,16 @@ class PeerTracker:
         if result == "full":
             log.warning(f"outbox full for peer {token_hash(peer)}: client_id {client_id or '-'} not queued")
             note = f"answered-locally; reason=outbox-full; rule={rule.name}; queued={queued}"
-            return Outcome(_local_response(refusal[0], refusal[1], note), "answered-locally")
+            return Outcome(_local_response(refusal[0], refusal[1], note), Decision.ANSWERED_LOCALLY)
+        if result == "uneditable":
+            # Never a token in clear at rest: a body the edit cannot take the token out of is not
+            # stored; the gateway gets the refusal, as with on_closed: answer-locally.
+            log.warning(
+                f"outbox: sendmessage to peer {token_hash(peer)} client_id {client_id or '-'} not queued: "
+                "its body cannot be stored without its context_token (not plain UTF-8 JSON)"
+            )
+            note = f"answered-locally; reason=window-closed; rule={rule.name}; not-deferred=body-not-editable"
+            return Outcome(_local_response(refusal[0], refusal[1], note), Decision.ANSWERED_LOCALLY)
         note = f"deferred; rule={rule.name}; queued={queued}; reason=window-closed"
         if result == "queued":
             log.info(
@@ -405,164 +629,28 @@ class PeerTracker:
                 f"until the peer writes ({queued} queued for it)"
             )
         if ps.defer_answer == "accepted" or not refusal[1]:
-            return Outcome(_local_response(200, b'{"ret":0}', note), "deferred")
-        return Outcome(_local_response(refusal[0], refusal[1], note), "deferred")
+            return Outcome(_local_response(200, b'{"ret":0}', note), Decision.DEFERRED)
+        return Outcome(_local_response(refusal[0], refusal[1], note), Decision.DEFERRED)
 
-    def _first_token(self, send: _Send, ps: PeerState) -> tuple[str | None, str]:
-        if send.token is None:
-            return None, "passed"
-        fresh = self.fresh_token(send.bot, send.peer) if ps.substitute_fresh else None
-        if fresh and fresh != send.token:
-            return fresh, "substituted"
-        if ps.remember_stale and self.store.is_stale(send.bot, self.store.keyed_hash(send.token)):
-            return None, "stripped"
-        return send.token, "passed"
 
-    def _next_token(self, send: _Send, ps: PeerState) -> str | bool | None:
-        """The next token to try after a stale answer, or False when there is none left."""
-        if send.token is None:
-            return False  # the gateway sent none: nothing to repair by changing it
-        tried = [a.token for a in send.attempts]
-        fresh = self.fresh_token(send.bot, send.peer) if ps.substitute_fresh else None
-        if fresh and fresh not in tried and not self.store.is_stale(send.bot, self.store.keyed_hash(fresh)):
-            return fresh
-        return None if None not in tried else False
+def _failed_response(rule: Rule, error: str) -> http.Response:
+    note = f"upstream-failed; rule={rule.name}; {error}"
+    return _local_response(502, f"ilink-fixproxy: {error}".encode(), note, [("Content-Type", "text/plain")])
 
-    async def _attempt(
-        self, send: _Send, token: str | None, original: bytes, timeout: float, max_bytes: int | None = None
-    ) -> None:
-        path = send.rule.action.remove
-        if token == send.token:
-            body = original
-        elif token is None:
-            body = remove_member(original, path) or original
-        else:
-            body = replace_value(original, path, token) or original
-        kind = _describe_token(token, send.token)
-        started = time.monotonic()
-        try:
-            response = await self.reissuer.send(send.request, body, send.via, timeout, max_bytes)
-        except ReissueError as e:
-            send.trace.append(attempt_record(None, None, (time.monotonic() - started) * 1000, kind, str(e)))
-            raise
-        send.sent += 1
-        try:
-            content = response.get_content(strict=True) or b""
-            decodable = True
-        except ValueError:
-            content, decodable = b"", False
-        send.trace.append(
-            attempt_record(response.status_code, content, (time.monotonic() - started) * 1000, kind)
-        )
-        doc = parse_json_object(content) if decodable else None
-        usable = not send.attempts or (
-            decodable and response.status_code == 200 and (not content or doc is not None)
-        )
-        if usable:
-            send.attempts.append(_Attempt(token, response, content, doc))
-        else:
-            # A re-issue answered with something we cannot hand back (5xx, non-JSON, cut short):
-            # like a reset, the caller keeps the earlier answer and nothing is learnt from it.
-            send.reissue_failed = True
 
-    def _failed(self, send: _Send) -> bool:
-        last = send.attempts[-1]
-        return answer_is_failure(send.rule.match, last.response.status_code, last.doc)
+def _list(headers: tuple[tuple[str, str], ...] | None) -> list[tuple[str, str]] | None:
+    return list(headers) if headers is not None else None
 
-    def _conclude(self, send: _Send, decision: str) -> Outcome:
-        ps = send.rule.peer_state
-        assert ps is not None
-        final = send.attempts[-1]
-        first = send.attempts[0]
-        failed = self._failed(send)
-        now = time.time()
-        fields = final.response.headers.items(multi=True)
-        headers = [(k, v) for k, v in fields if k.lower() not in _STORED_HEADER_SKIP]
-        store = self.store
-        writes: list[Callable[[], object]] = []  # what this send taught us (see handle)
-        if send.reissue_failed and len(send.attempts) == 1:
-            decision = "reissue-failed"
-        elif not failed:
-            if len(send.attempts) > 1:
-                decision = "repaired"
-            if send.token and final.token != send.token and ps.remember_stale and decision != "stripped":
-                # ("stripped": the store already knew the token was stale, no need to say it again)
-                stale = store.keyed_hash(send.token)
-                writes.append(functools.partial(store.mark_stale, send.bot, stale, send.peer or "", now))
-            if send.peer:
-                writes.append(functools.partial(store.open_window, send.bot, send.peer, now))
-        elif send.token is not None and final.token is None and send.peer:
-            # Even the tokenless send was refused: the peer's window is closed until it writes.
-            decision = "window-closed"
-            until = now + ps.closed_for_s
-            status = final.response.status_code
-            writes.append(
-                functools.partial(store.close_window, send.bot, send.peer, until, status, final.body, now)
-            )
-        else:
-            # Refused with no token from the gateway, or with a fresh one: a genuine rate limit.
-            # (Stored now: whether it starts a cooldown is part of the answer.)
-            decision = "rate-limited"
-            with store.batch(write=True):
-                if store.count_limited(send.bot, now, ps.cooldown.within_s) >= ps.cooldown.after:
-                    decision = "cooldown-started"
-                    store.start_cooldown(
-                        send.bot, now + ps.cooldown.for_s, final.response.status_code, final.body, now
-                    )
-        status = final.response.status_code
-        writes.append(
-            functools.partial(
-                self._record, send, accepted=not failed, status=status, headers=headers, body=final.body
-            )
-        )
 
-        # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy
-        # did; and nothing is worked out for a line nobody will see.
-        if decision != "passed" or log.isEnabledFor(logging.DEBUG):
-            summary_final = AnswerSummary.of(final.response.status_code, final.body).short()
-            tokens = " -> ".join(_describe_token(a.token, send.token) for a in send.attempts)
-            if decision not in ("passed", "reissue-failed"):
-                summary_first = AnswerSummary.of(first.response.status_code, first.body).short()
-                final.response.headers[HEADER] = (
-                    f"{decision}; rule={send.rule.name}; attempts={len(send.attempts)}; tokens={tokens}; "
-                    f"first={summary_first}; now={summary_final}"
-                )
-            (log.debug if decision == "passed" else log.info)(
-                f"{decision}: sendmessage to peer {token_hash(send.peer)} client_id {send.client_id or '-'} "
-                f"with context_token {token_hash(send.token)}: {len(send.attempts)} attempt(s) [{tokens}]: "
-                f"{summary_final}"
-            )
-        return Outcome(
-            final.response,
-            decision,
-            accepted=not failed,
-            trace=tuple(send.trace),
-            record=functools.partial(self._store_all, tuple(writes)),
-        )
-
-    def _store_all(self, writes: tuple[Callable[[], object], ...]) -> None:
-        with self.store.batch(write=True):  # one commit
-            for write in writes:
-                write()
-
-    def _record(
-        self, send: _Send, *, accepted: bool, status: int, headers: list[tuple[str, str]], body: bytes
-    ) -> None:
-        if send.client_id:
-            ps = send.rule.peer_state
-            assert ps is not None
-            now = time.time()
-            self.store.record_attempts(
-                send.bot,
-                send.client_id,
-                send.sent,
-                accepted,
-                status,
-                headers,
-                body,
-                now,
-                since=now - ps.dedupe_s,
-            )
+def _token(present: bool, value: Any) -> str | None:
+    """The gateway's context_token: a string, None when absent, null or "", and for any other
+    value (a number, an object, an array) its JSON text: a token that is there but invalid, to be
+    repaired like a stale one, never taken for "no token" (that would count as a rate limit)."""
+    if isinstance(value, str):
+        return value or None
+    if not present or value is None:
+        return None
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def attempt_record(

@@ -218,6 +218,11 @@ class Answer:
     ``encoding`` compresses the body and sets ``Content-Encoding``: ``"gzip"`` (the same as
     ``gzip=True``), ``"deflate"`` (zlib-wrapped, RFC 9110), ``"deflate-raw"`` (sent as
     ``deflate`` without the zlib wrapper, as some servers do) or ``"br"``.
+
+    ``deliver=True`` (sendmessage only): the send first goes through the fake's model (so it is
+    delivered if the model would deliver it) and only then gets this answer: a delivery whose
+    answer is lost (``fault="reset"``), slow (``delay``) or misleading (a 503 after delivering).
+    A scripted answer without it never delivers, like an iLink that refused before delivering.
     """
 
     status: int = 200
@@ -228,6 +233,7 @@ class Answer:
     gzip: bool = False
     chunked: bool = False
     encoding: str | None = None
+    deliver: bool = False
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -777,7 +783,10 @@ class FakeILink:
         with self._lock:
             scripted = self._take_script(path)
             if scripted is not None:
-                record("scripted")
+                delivered = (
+                    scripted.deliver and path == SEND_PATH and self._deliver(msg, token, client_id, body)
+                )
+                record("scripted-delivered" if delivered else "scripted")
                 return scripted
             if method != "POST" or path not in (SEND_PATH, UPDATES_PATH, CONFIG_PATH, TYPING_PATH):
                 record("other")
@@ -789,18 +798,7 @@ class FakeILink:
                         status=400,
                         body=_json_bytes({"ret": -1, "errmsg": "body must be a JSON object with msg"}),
                     )
-                fresh = token is not None and token in self.fresh_tokens
-                if fresh or (token is None and self.tokenless_delivers):
-                    to_user = msg.get("to_user_id")
-                    self._deliveries.append(
-                        Delivery(
-                            to_user_id=to_user if isinstance(to_user, str) else "",
-                            client_id=client_id,
-                            text=_message_text(msg),
-                            context_token=token,
-                            body=body,
-                        )
-                    )
+                if self._deliver(msg, token, client_id, body):
                     record("delivered")
                     return Answer(body=self.success_answer, headers=ok)
                 record("refused-stale" if token is not None else "refused-tokenless")
@@ -813,6 +811,24 @@ class FakeILink:
                 return Answer(body=b'{"ret":0}')
             record("updates")
         return self._get_updates(doc)
+
+    def _deliver(self, msg: dict[str, Any], token: str | None, client_id: str | None, body: bytes) -> bool:
+        """The stale-token model: deliver a send with a fresh token, or with none while
+        ``tokenless_delivers``; returns whether it was delivered. Caller holds the lock."""
+        fresh = token is not None and token in self.fresh_tokens
+        if not msg or not (fresh or (token is None and self.tokenless_delivers)):
+            return False
+        to_user = msg.get("to_user_id")
+        self._deliveries.append(
+            Delivery(
+                to_user_id=to_user if isinstance(to_user, str) else "",
+                client_id=client_id,
+                text=_message_text(msg),
+                context_token=token,
+                body=body,
+            )
+        )
+        return True
 
     def _get_updates(self, doc: Any) -> Answer | None:
         """Answer at once with queued inbound messages, else hold the long-poll."""

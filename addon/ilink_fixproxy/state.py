@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS bots (
 CREATE TABLE IF NOT EXISTS messages (
     bot TEXT NOT NULL, client_id TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     accepted INTEGER NOT NULL DEFAULT 0, status INTEGER, headers TEXT, body BLOB,
-    updated REAL NOT NULL,
+    updated REAL NOT NULL, state TEXT,
     PRIMARY KEY (bot, client_id)
 );
 CREATE INDEX IF NOT EXISTS messages_updated ON messages (updated);
@@ -103,6 +103,7 @@ class Message:
     headers: list[tuple[str, str]]
     body: bytes | None
     updated: float
+    state: str | None = None  # a core.model.MessageState value; None: written by an older version
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class StateStore:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
+            self._migrate()
             self._key = self._hash_key()
             if self._lock_fd is not None:
                 # Fresh tokens live only in the memory of the proxy that saw them: `state` compares
@@ -197,6 +199,12 @@ class StateStore:
                 "it opened: restart it to use the new one"
             )
         return None
+
+    def _migrate(self) -> None:
+        """State files written before messages had a `state` (see core.model.MessageState)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if "state" not in columns:
+            self.db.execute("ALTER TABLE messages ADD COLUMN state TEXT")
 
     def _take_lock(self, p: Path) -> None:
         lock_path = p.with_name(p.name + ".lock")
@@ -389,7 +397,7 @@ class StateStore:
 
     def message(self, bot: str, client_id: str, since: float) -> Message | None:
         row = self.db.execute(
-            """SELECT attempts, accepted, status, headers, body, updated FROM messages
+            """SELECT attempts, accepted, status, headers, body, updated, state FROM messages
                WHERE bot = ? AND client_id = ? AND updated >= ?""",
             (bot, client_id, since),
         ).fetchone()
@@ -397,8 +405,68 @@ class StateStore:
             return None
         headers = [tuple(h) for h in json.loads(row[3])] if row[3] else []
         return Message(
-            row[0], bool(row[1]), row[2], headers, bytes(row[4]) if row[4] is not None else None, row[5]
+            row[0],
+            bool(row[1]),
+            row[2],
+            headers,
+            bytes(row[4]) if row[4] is not None else None,
+            row[5],
+            row[6],
         )
+
+    def begin_attempt(self, bot: str, client_id: str, now: float, since: float) -> None:
+        """One more upstream attempt for this message is about to be sent: stored (committed)
+        before its first byte goes out, so a crash or a lost answer still counts it."""
+        self.db.execute(
+            """INSERT INTO messages (bot, client_id, attempts, accepted, state, updated)
+               VALUES (?, ?, 1, 0, 'in-flight', ?)
+               ON CONFLICT (bot, client_id) DO UPDATE SET
+                 attempts = CASE WHEN updated >= ? THEN attempts ELSE 0 END + 1,
+                 accepted = 0,
+                 status = CASE WHEN updated >= ? THEN status ELSE NULL END,
+                 headers = CASE WHEN updated >= ? THEN headers ELSE NULL END,
+                 body = CASE WHEN updated >= ? THEN body ELSE NULL END,
+                 state = 'in-flight',
+                 updated = excluded.updated""",
+            (bot, client_id, now, since, since, since, since),
+        )
+        self._wrote()
+
+    def settle_message(
+        self,
+        bot: str,
+        client_id: str,
+        state: str,
+        attempts: int,
+        answer: tuple[int, list[tuple[str, str]], bytes] | None,
+        now: float,
+        since: float,
+    ) -> None:
+        """Where the message stands after its exchange, and the answer to hand back if it comes
+        again; `attempts` is the engine's count (never lowers the stored one)."""
+        status, headers, body = answer if answer is not None else (None, None, None)
+        self.db.execute(
+            """INSERT INTO messages
+                 (bot, client_id, attempts, accepted, status, headers, body, state, updated)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (bot, client_id) DO UPDATE SET
+                 attempts = MAX(CASE WHEN updated >= ? THEN attempts ELSE 0 END, excluded.attempts),
+                 accepted = excluded.accepted, status = excluded.status, headers = excluded.headers,
+                 body = excluded.body, state = excluded.state, updated = excluded.updated""",
+            (
+                bot,
+                client_id,
+                attempts,
+                int(state == "accepted"),
+                status,
+                json.dumps(headers) if headers is not None else None,
+                body,
+                state,
+                now,
+                since,
+            ),
+        )
+        self._wrote()
 
     def record_attempts(
         self,

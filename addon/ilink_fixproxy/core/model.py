@@ -1,0 +1,166 @@
+"""The vocabulary of the core: decisions, message states, snapshots and effects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Decision(StrEnum):
+    """What the proxy did with a send; the first word of the X-Ilink-Fixproxy header, the flow
+    comment and the log line, and the `decision` in flow metadata, captures and metrics."""
+
+    PASSED = "passed"
+    SUBSTITUTED = "substituted"
+    STRIPPED = "stripped"
+    REPAIRED = "repaired"
+    REPLAYED = "replayed"
+    ANSWERED_LOCALLY = "answered-locally"
+    DEFERRED = "deferred"
+    WINDOW_CLOSED = "window-closed"
+    RATE_LIMITED = "rate-limited"
+    COOLDOWN_STARTED = "cooldown-started"
+    REISSUE_FAILED = "reissue-failed"
+    UPSTREAM_FAILED = "upstream-failed"
+    FALLBACK = "fallback"  # handed back to mitmproxy's own forwarding: nothing reached iLink
+    MATCHED = "matched"  # refused for a stale token, and the body cannot be sent without it
+
+
+class MessageState(StrEnum):
+    """Where one message (a (bot, client_id)) stands; see docs/architecture.md for the diagram."""
+
+    NEW = "new"  # nothing known (or its memory expired)
+    IN_FLIGHT = "in-flight"  # an attempt is on its way; stored before its first byte goes out
+    ACCEPTED = "accepted"  # iLink answered success: the only state whose answer is replayed
+    REFUSED = "refused"  # iLink refused it (stale token, closed window, rate limit): not delivered
+    TRANSIENT = "transient"  # 5xx, 429, non-JSON, ret/errcode not 0 and not a refusal
+    UNKNOWN = "unknown"  # the answer was lost (or the process died): it may have been delivered
+
+
+class Verdict(StrEnum):
+    """What one upstream answer means for the message."""
+
+    SUCCESS = "success"
+    REFUSED = "refused"  # the rule's failure answer (stale token, rate limit)
+    TRANSIENT = "transient"
+    LOST = "lost"  # no answer: sent, fate unknown
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """What is known about one message: its state, the upstream attempts it used (counted when
+    sent, not when answered) and the answer to hand back if it comes again."""
+
+    state: MessageState
+    attempts: int
+    answer: StoredAnswer | None = None
+
+
+@dataclass(frozen=True)
+class Window:
+    closed_until: float | None
+    status: int | None
+    body: bytes | None
+
+
+@dataclass(frozen=True)
+class Cooling:
+    until: float
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the engine read before a send: everything the gate and the token choice look at."""
+
+    message: MessageRecord | None = None
+    cooldown: Cooling | None = None
+    window: Window | None = None
+    queued: bool = False
+    fresh: str | None = None  # the newest token seen for the peer (memory only), if still newest
+    original_stale: bool = False  # the gateway's token is remembered as stale
+    fresh_stale: bool = False
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """An answer made by the proxy without going upstream."""
+
+    decision: Decision
+    status: int
+    body: bytes
+    note: str
+    headers: tuple[tuple[str, str], ...] | None = None  # None: Content-Type: application/json
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Queue the send for delivery when the peer writes; `refusal` is what iLink last said."""
+
+    refusal: tuple[int, bytes] | None
+
+
+@dataclass(frozen=True)
+class Go:
+    """Send it upstream; `prior` attempts were already used by earlier tries of this message."""
+
+    prior: int
+
+
+Gate = LocalAnswer | Defer | Go
+
+
+# ---------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True)
+class BeginAttempt:
+    """Store that one more attempt is in flight, before its first byte goes upstream."""
+
+
+@dataclass(frozen=True)
+class SettleMessage:
+    record: MessageRecord
+
+
+@dataclass(frozen=True)
+class MarkStale:
+    token: str  # hashed by the engine before it is stored
+
+
+@dataclass(frozen=True)
+class OpenWindow:
+    pass
+
+
+@dataclass(frozen=True)
+class CloseWindow:
+    until: float
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class CountRateLimit:
+    """Record a genuine rate-limit answer; the count decides whether a cooldown starts
+    (`policy.after_rate_limit`)."""
+
+    within_s: float
+
+
+@dataclass(frozen=True)
+class StartCooldown:
+    until: float
+    status: int
+    body: bytes
+
+
+Effect = BeginAttempt | SettleMessage | MarkStale | OpenWindow | CloseWindow | CountRateLimit | StartCooldown

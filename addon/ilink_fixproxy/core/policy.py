@@ -1,0 +1,327 @@
+"""The decisions for one message, as functions of (snapshot, answer, now) -> (decision, effects).
+
+`gate` decides whether a send goes upstream at all; an `Exchange` then says which token each
+attempt carries, classifies each answer and concludes. Nothing here reads a clock, a socket or
+the store: the engine passes `now` in and applies the effects it gets back. The invariants these
+functions keep are listed in docs/architecture.md ("One delivery per message").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..jsonedit import remove_member, replace_value
+from ..matching import AnswerSummary, answer_is_failure
+from ..rules import PeerState, Rule
+from .model import (
+    BeginAttempt,
+    CloseWindow,
+    CountRateLimit,
+    Decision,
+    Defer,
+    Effect,
+    Gate,
+    Go,
+    LocalAnswer,
+    MarkStale,
+    MessageRecord,
+    MessageState,
+    OpenWindow,
+    SettleMessage,
+    Snapshot,
+    StartCooldown,
+    StoredAnswer,
+    Verdict,
+)
+
+TEXT_PLAIN = (("Content-Type", "text/plain"),)
+
+
+def _zero(value: Any) -> bool:
+    # `"ret": 0` or no ret at all is success; `true`/`false` are not numbers here.
+    return value is None or (not isinstance(value, bool) and isinstance(value, int | float) and value == 0)
+
+
+def classify(rule: Rule, status: int, content: bytes | None, doc: dict[str, Any] | None) -> Verdict:
+    """What an answer means. `content` is the decoded body, None if it could not be decoded.
+
+    Success is only what iLink says on delivery: HTTP 200 with an empty body or a JSON object
+    whose ret and errcode are 0 or absent. The rule's failure answer is a refusal; anything else
+    (5xx, 429, HTML, `{"ret":-1}`) is transient: nothing says it was delivered, so it is never
+    replayed as accepted, and nothing says it was not, so it still counts as an attempt."""
+    if answer_is_failure(rule.match, status, doc):
+        return Verdict.REFUSED
+    delivered = not content or (doc is not None and _zero(doc.get("ret")) and _zero(doc.get("errcode")))
+    if status == 200 and content is not None and delivered:
+        return Verdict.SUCCESS
+    return Verdict.TRANSIENT
+
+
+def gate(snap: Snapshot, rule: Rule, now: float) -> Gate:
+    """Answer from memory, defer, or go upstream (and with how many attempts already used)."""
+    ps = _ps(rule)
+    if snap.queued:
+        return Defer(None)
+    m = snap.message
+    if m is not None:
+        if m.state is MessageState.ACCEPTED and m.answer is not None:
+            note = f"replayed; rule={rule.name}; iLink already accepted this client_id"
+            return LocalAnswer(Decision.REPLAYED, m.answer.status, m.answer.body, note, m.answer.headers)
+        if m.attempts >= ps.max_attempts:
+            # An attempt whose outcome is unknown is still an attempt: never one more.
+            if m.answer is None:
+                note = (
+                    f"answered-locally; reason=attempts-used; rule={rule.name}; "
+                    f"attempts={m.attempts}; answer=unknown"
+                )
+                body = (
+                    f"ilink-fixproxy: this client_id already used its {m.attempts} upstream attempt(s) "
+                    "and the outcome of the last is unknown; not sent again"
+                ).encode()
+                return LocalAnswer(Decision.ANSWERED_LOCALLY, 502, body, note, TEXT_PLAIN)
+            note = (
+                f"answered-locally; reason=attempts-used; rule={rule.name}; "
+                f"attempts={m.attempts}; answer={AnswerSummary.of(m.answer.status, m.answer.body).short()}"
+            )
+            return LocalAnswer(
+                Decision.ANSWERED_LOCALLY, m.answer.status, m.answer.body, note, m.answer.headers
+            )
+    if (c := snap.cooldown) is not None:
+        note = f"answered-locally; reason=cooling-down; rule={rule.name}; for={c.until - now:.0f}s"
+        return LocalAnswer(Decision.ANSWERED_LOCALLY, c.status, c.body, note)
+    w = snap.window
+    if w is not None and w.closed_until and w.closed_until > now and w.status is not None:
+        if ps.on_closed == "defer":
+            return Defer((w.status, w.body or b""))
+        note = (
+            f"answered-locally; reason=window-closed; rule={rule.name}; "
+            f"until-inbound-or={w.closed_until - now:.0f}s"
+        )
+        return LocalAnswer(Decision.ANSWERED_LOCALLY, w.status, w.body or b"", note)
+    return Go(prior=m.attempts if m is not None else 0)
+
+
+def after_rate_limit(
+    rule: Rule, limited: int, status: int, body: bytes, now: float
+) -> tuple[Decision, Effect | None]:
+    """`limited` genuine rate-limit answers within the window (this one included): cool down?"""
+    ps = _ps(rule)
+    if limited >= ps.cooldown.after:
+        return Decision.COOLDOWN_STARTED, StartCooldown(now + ps.cooldown.for_s, status, body)
+    return Decision.RATE_LIMITED, None
+
+
+def token_kind(token: str | None, original: str | None) -> str:
+    if token is None:
+        return "none"
+    return "original" if token == original else "fresh"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One upstream attempt to make: with which token and body, and how long it may take
+    (None: the first attempt, which stands in for mitmproxy's own forwarding)."""
+
+    token: str | None
+    body: bytes
+    kind: str
+    timeout: float | None
+    effects: tuple[Effect, ...] = (BeginAttempt(),)
+
+
+@dataclass(frozen=True)
+class Tried:
+    """An attempt that brought back an answer the caller may be handed."""
+
+    token: str | None
+    verdict: Verdict
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    doc: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Conclusion:
+    decision: Decision
+    final: Tried | None  # None: no answer to hand back (upstream failed, or fallback)
+    effects: tuple[Effect, ...]
+    kinds: tuple[str, ...]  # the token kind of each answered attempt, for the header and log
+
+
+@dataclass
+class Exchange:
+    """One send's upstream exchange, as a state machine: `first()`, then `answered`/`lost` for
+    each attempt, `next(now)` for the re-issue (None: done), then `conclude(now)`."""
+
+    rule: Rule
+    snap: Snapshot
+    prior: int  # attempts used by earlier tries of this message
+    token: str | None  # the gateway's token (a non-string one as its JSON text), None: none
+    original: bytes
+    peer: str | None
+    deadline: float
+    made: int = 0  # attempts begun (counted when sent, not when answered)
+    tried: list[Tried] = field(default_factory=list)
+    tokens_sent: list[str | None] = field(default_factory=list)
+    first_decision: Decision = Decision.PASSED
+    fallback: bool = False  # the first attempt could not connect: mitmproxy forwards it
+    unknown: bool = False  # an attempt was sent and its answer lost
+    reissue_failed: bool = False
+    reissue_transient: bool = False
+    uneditable: bool = False  # the tokenless body could not be built: no re-issue
+    errors: list[str] = field(default_factory=list)
+
+    def first(self) -> Step:
+        ps = _ps(self.rule)
+        path = self.rule.action.remove
+        if self.token is not None:
+            fresh = self.snap.fresh if ps.substitute_fresh else None
+            if (
+                fresh
+                and fresh != self.token
+                and (body := replace_value(self.original, path, fresh)) is not None
+            ):
+                self.first_decision = Decision.SUBSTITUTED
+                return self._step(fresh, body, None)
+            stale = ps.remember_stale and self.snap.original_stale
+            if stale and (body := remove_member(self.original, path)) is not None:
+                self.first_decision = Decision.STRIPPED
+                return self._step(None, body, None)
+        return self._step(self.token, self.original, None)
+
+    def _step(self, token: str | None, body: bytes, timeout: float | None) -> Step:
+        self.made += 1
+        self.tokens_sent.append(token)
+        return Step(token, body, token_kind(token, self.token), timeout)
+
+    def answered(
+        self,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
+        content: bytes | None,
+        doc: dict[str, Any] | None,
+    ) -> None:
+        verdict = classify(self.rule, status, content, doc)
+        first = not self.tried and self.made == 1
+        usable = first or (content is not None and status == 200 and (not content or doc is not None))
+        if usable:
+            self.tried.append(Tried(self.tokens_sent[-1], verdict, status, headers, content or b"", doc))
+        else:
+            # A re-issue answered with something we cannot hand back (5xx, non-JSON, cut short):
+            # the caller keeps the earlier answer, and nothing is learnt from it.
+            self.reissue_failed = self.reissue_transient = True
+            self.errors.append(f"answer was HTTP {status}")
+
+    def lost(self, sent: bool, error: str) -> None:
+        self.errors.append(error)
+        if not self.tried:
+            if not sent:
+                self.fallback = True
+            else:
+                self.unknown = True
+            return
+        self.reissue_failed = True
+        self.unknown = self.unknown or sent
+
+    def next(self, now: float) -> Step | None:
+        """The re-issue to make after the last answer, or None when the exchange is over."""
+        if (
+            self.fallback
+            or self.reissue_failed
+            or not self.tried
+            or self.tried[-1].verdict is not Verdict.REFUSED
+        ):
+            return None
+        ps = _ps(self.rule)
+        if self.made >= 1 + self.rule.action.retries or self.prior + self.made >= ps.max_attempts:
+            return None
+        if self.token is None:
+            return None  # the gateway sent none: nothing to repair by changing it
+        path = self.rule.action.remove
+        fresh = self.snap.fresh if ps.substitute_fresh else None
+        choice: tuple[str | None, bytes] | None = None
+        untried = fresh and fresh not in self.tokens_sent and not self.snap.fresh_stale
+        if untried and (body := replace_value(self.original, path, fresh)) is not None:
+            choice = (fresh, body)
+        if choice is None and None not in self.tokens_sent:
+            if (body := remove_member(self.original, path)) is None:
+                # Never a "tokenless" re-issue that still carries the token (a UTF-8 BOM, UTF-16):
+                # it would be refused again and close the window for nothing.
+                self.uneditable = True
+                return None
+            choice = (None, body)
+        if choice is None:
+            return None
+        if self.deadline - now <= 0:
+            self.reissue_failed = True
+            self.errors.append("no time left before the deadline")
+            return None
+        return self._step(choice[0], choice[1], self.deadline - now)
+
+    def conclude(self, now: float) -> Conclusion:
+        ps = _ps(self.rule)
+        attempts = self.prior + self.made
+        kinds = tuple(token_kind(t.token, self.token) for t in self.tried)
+        if not self.tried:
+            decision = Decision.FALLBACK if self.fallback else Decision.UPSTREAM_FAILED
+            settle = SettleMessage(MessageRecord(MessageState.UNKNOWN, attempts))
+            return Conclusion(decision, None, (settle,), kinds)
+        first, final = self.tried[0], self.tried[-1]
+        effects: list[Effect] = []
+        decision = self.first_decision
+        if self.reissue_failed and len(self.tried) == 1:
+            decision = Decision.REISSUE_FAILED
+            if self.unknown:
+                state = MessageState.UNKNOWN
+            elif self.reissue_transient:
+                state = MessageState.TRANSIENT
+            else:
+                state = _state_of(first.verdict)
+        elif final.verdict is Verdict.SUCCESS:
+            state = MessageState.ACCEPTED
+            if len(self.tried) > 1:
+                decision = Decision.REPAIRED
+            if (
+                self.token
+                and final.token != self.token
+                and ps.remember_stale
+                and decision != Decision.STRIPPED
+            ):
+                # ("stripped": the store already knew the token was stale, no need to say it again)
+                effects.append(MarkStale(self.token))
+            if self.peer:
+                effects.append(OpenWindow())
+        elif final.verdict is Verdict.REFUSED:
+            state = MessageState.REFUSED
+            if self.uneditable:
+                decision = Decision.MATCHED
+            elif self.token is not None and final.token is None and self.peer:
+                # Even the tokenless send was refused: the peer's window is closed until it writes.
+                decision = Decision.WINDOW_CLOSED
+                effects.append(CloseWindow(now + ps.closed_for_s, final.status, final.body))
+            else:
+                # Refused with no token from the gateway, or with a fresh one: a genuine rate limit.
+                decision = Decision.RATE_LIMITED
+                effects.append(CountRateLimit(ps.cooldown.within_s))
+        else:
+            state = MessageState.TRANSIENT  # handed back as it came; nothing learnt from it
+        answer = StoredAnswer(final.status, final.headers, final.body)
+        effects.append(SettleMessage(MessageRecord(state, attempts, answer)))
+        return Conclusion(decision, final, tuple(effects), kinds)
+
+
+def _state_of(verdict: Verdict) -> MessageState:
+    return {
+        Verdict.SUCCESS: MessageState.ACCEPTED,
+        Verdict.REFUSED: MessageState.REFUSED,
+        Verdict.TRANSIENT: MessageState.TRANSIENT,
+        Verdict.LOST: MessageState.UNKNOWN,
+    }[verdict]
+
+
+def _ps(rule: Rule) -> PeerState:
+    ps = rule.peer_state
+    assert ps is not None, "the peer-state engine only runs rules with peer_state"
+    return ps

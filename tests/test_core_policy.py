@@ -1,0 +1,278 @@
+"""The pure core in memory, in milliseconds: every decision of the message state machine."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from ilink_fixproxy import rules as rules_mod
+from ilink_fixproxy.core import policy
+from ilink_fixproxy.core.model import (
+    BeginAttempt,
+    CloseWindow,
+    Cooling,
+    CountRateLimit,
+    Decision,
+    Defer,
+    Go,
+    LocalAnswer,
+    MarkStale,
+    MessageRecord,
+    MessageState,
+    OpenWindow,
+    SettleMessage,
+    Snapshot,
+    StartCooldown,
+    StoredAnswer,
+    Verdict,
+    Window,
+)
+
+RULE = rules_mod.load_default().rules[0]
+STALE = b'{"ret":-2,"errmsg":"prepare failed"}'
+NOW = 1_000_000.0
+EMPTY = Snapshot()
+
+
+def rule(**peer_state: object) -> rules_mod.Rule:
+    assert RULE.peer_state is not None
+    return dataclasses.replace(RULE, peer_state=dataclasses.replace(RULE.peer_state, **peer_state))
+
+
+def body(token: object = "tok") -> bytes:
+    msg: dict[str, object] = {"to_user_id": "p", "client_id": "c"}
+    if token is not None:
+        msg["context_token"] = token
+    return json.dumps({"msg": msg}).encode()
+
+
+def settled(effects) -> MessageRecord:
+    return next(e.record for e in effects if isinstance(e, SettleMessage))
+
+
+# ---------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "verdict"),
+    [
+        (200, b"{}", Verdict.SUCCESS),
+        (200, b"", Verdict.SUCCESS),
+        (200, b'{"ret":0}', Verdict.SUCCESS),
+        (200, b'{"message_id":7}', Verdict.SUCCESS),
+        (200, STALE, Verdict.REFUSED),
+        (200, b'{"errcode":-14}', Verdict.REFUSED),
+        (200, b'{"ret":-1}', Verdict.TRANSIENT),
+        (200, b'{"ret":true}', Verdict.TRANSIENT),
+        (200, b"<html>", Verdict.TRANSIENT),
+        (200, None, Verdict.TRANSIENT),  # undecodable
+        (503, b"{}", Verdict.TRANSIENT),
+        (500, b"", Verdict.TRANSIENT),
+        (429, b'{"ret":0}', Verdict.TRANSIENT),
+        (502, b"<html>bad gateway</html>", Verdict.TRANSIENT),
+    ],
+)
+def test_only_a_200_json_success_is_a_success(status, content, verdict):
+    doc = json.loads(content) if content and content.startswith(b"{") else None
+    assert policy.classify(RULE, status, content, doc) is verdict
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def test_only_an_accepted_message_is_replayed():
+    answer = StoredAnswer(200, (("Content-Type", "application/json"),), b"{}")
+    g = policy.gate(Snapshot(message=MessageRecord(MessageState.ACCEPTED, 1, answer)), RULE, NOW)
+    assert isinstance(g, LocalAnswer) and g.decision is Decision.REPLAYED and g.body == b"{}"
+    for state in (MessageState.TRANSIENT, MessageState.REFUSED, MessageState.UNKNOWN, MessageState.IN_FLIGHT):
+        g = policy.gate(Snapshot(message=MessageRecord(state, 1, answer)), RULE, NOW)
+        assert g == Go(prior=1), state
+
+
+def test_attempts_used_answers_locally_even_when_the_outcome_is_unknown():
+    g = policy.gate(Snapshot(message=MessageRecord(MessageState.UNKNOWN, 2)), RULE, NOW)
+    assert isinstance(g, LocalAnswer) and g.status == 502 and "reason=attempts-used" in g.note
+    assert "answer=unknown" in g.note
+    refused = StoredAnswer(200, (), STALE)
+    g = policy.gate(Snapshot(message=MessageRecord(MessageState.REFUSED, 2, refused)), RULE, NOW)
+    assert isinstance(g, LocalAnswer) and g.body == STALE and g.decision is Decision.ANSWERED_LOCALLY
+    # a crash left it in flight: after a restart it is an unknown outcome like any other
+    g = policy.gate(Snapshot(message=MessageRecord(MessageState.IN_FLIGHT, 2)), RULE, NOW)
+    assert isinstance(g, LocalAnswer) and "reason=attempts-used" in g.note
+
+
+def test_cooldown_window_and_queue():
+    g = policy.gate(Snapshot(cooldown=Cooling(NOW + 60, 200, STALE)), RULE, NOW)
+    assert isinstance(g, LocalAnswer) and "cooling-down" in g.note
+    closed = Window(NOW + 60, 200, STALE)
+    g = policy.gate(Snapshot(window=closed), RULE, NOW)
+    assert isinstance(g, LocalAnswer) and "window-closed" in g.note
+    assert policy.gate(Snapshot(window=closed), rule(on_closed="defer"), NOW) == Defer((200, STALE))
+    assert policy.gate(Snapshot(window=Window(NOW - 1, 200, STALE)), RULE, NOW) == Go(prior=0)
+    assert policy.gate(Snapshot(queued=True), RULE, NOW) == Defer(None)
+
+
+# ---------------------------------------------------------------- the exchange
+
+
+def exchange(
+    snap: Snapshot = EMPTY, *, token: str | None = "tok", original: bytes | None = None, r=RULE, prior=0
+):
+    return policy.Exchange(
+        r, snap, prior, token, original if original is not None else body(token), "p", NOW + 10
+    )
+
+
+def test_a_stale_answer_is_repaired_without_the_token_and_the_token_remembered():
+    x = exchange()
+    first = x.first()
+    assert first.token == "tok" and first.body == body("tok") and first.effects == (BeginAttempt(),)
+    x.answered(200, (), STALE, json.loads(STALE))
+    second = x.next(NOW)
+    assert second is not None and second.token is None and b"context_token" not in second.body
+    assert second.timeout == 10
+    x.answered(200, (), b"{}", {})
+    assert x.next(NOW) is None
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REPAIRED and c.kinds == ("original", "none")
+    assert MarkStale("tok") in c.effects and OpenWindow() in c.effects
+    assert settled(c.effects) == MessageRecord(MessageState.ACCEPTED, 2, StoredAnswer(200, (), b"{}"))
+
+
+def test_a_retry_never_exceeds_max_attempts():
+    x = exchange(prior=1)  # one attempt already used by an earlier try
+    x.first()
+    x.answered(200, (), STALE, json.loads(STALE))
+    assert x.next(NOW) is None  # max_attempts 2: no re-issue
+    c = x.conclude(NOW)
+    assert c.decision is Decision.RATE_LIMITED and settled(c.effects).attempts == 2
+
+
+def test_a_tokenless_refusal_closes_the_window_and_a_tokenless_send_counts_a_rate_limit():
+    x = exchange()
+    x.first()
+    x.answered(200, (), STALE, json.loads(STALE))
+    assert x.next(NOW) is not None
+    x.answered(200, (), STALE, json.loads(STALE))
+    c = x.conclude(NOW)
+    assert c.decision is Decision.WINDOW_CLOSED and CloseWindow(NOW + 3600, 200, STALE) in c.effects
+    y = exchange(token=None)
+    y.first()
+    y.answered(200, (), STALE, json.loads(STALE))
+    assert y.next(NOW) is None
+    c = y.conclude(NOW)
+    assert c.decision is Decision.RATE_LIMITED and CountRateLimit(600) in c.effects
+    assert policy.after_rate_limit(RULE, 3, 200, STALE, NOW) == (
+        Decision.COOLDOWN_STARTED,
+        StartCooldown(NOW + 900, 200, STALE),
+    )
+    assert policy.after_rate_limit(RULE, 2, 200, STALE, NOW) == (Decision.RATE_LIMITED, None)
+
+
+@pytest.mark.parametrize("encode", [lambda b: b"\xef\xbb\xbf" + b, lambda b: b.decode().encode("utf-16")])
+def test_a_body_that_cannot_be_edited_is_never_reissued_with_its_token(encode):
+    x = exchange(original=encode(body("tok")))
+    x.first()
+    x.answered(200, (), STALE, json.loads(STALE))
+    assert x.next(NOW) is None and x.uneditable
+    c = x.conclude(NOW)
+    assert c.decision is Decision.MATCHED
+    assert not any(isinstance(e, CloseWindow | CountRateLimit) for e in c.effects)
+    assert settled(c.effects).state is MessageState.REFUSED
+
+
+def test_a_lost_answer_is_an_unknown_outcome_that_counts():
+    x = exchange(token=None)
+    x.first()
+    x.lost(True, "connection reset")
+    assert x.next(NOW) is None
+    c = x.conclude(NOW)
+    assert c.decision is Decision.UPSTREAM_FAILED and c.final is None
+    assert settled(c.effects) == MessageRecord(MessageState.UNKNOWN, 1)
+    y = exchange(token=None)
+    y.first()
+    y.lost(False, "connection refused")
+    assert y.conclude(NOW).decision is Decision.FALLBACK  # mitmproxy forwards it: still counted
+    assert settled(y.conclude(NOW).effects).attempts == 1
+
+
+def test_a_reissue_whose_answer_is_lost_leaves_the_message_unknown():
+    x = exchange()
+    x.first()
+    x.answered(200, (), STALE, json.loads(STALE))
+    assert x.next(NOW) is not None
+    x.lost(True, "no answer within 9.0 s")
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REISSUE_FAILED and c.final is not None and c.final.body == STALE
+    assert settled(c.effects).state is MessageState.UNKNOWN and settled(c.effects).attempts == 2
+    assert not any(isinstance(e, MarkStale | CloseWindow | CountRateLimit) for e in c.effects)
+
+
+def test_a_reissue_answered_5xx_leaves_the_message_transient():
+    x = exchange()
+    x.first()
+    x.answered(200, (), STALE, json.loads(STALE))
+    x.next(NOW)
+    x.answered(503, (), b"busy", None)
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REISSUE_FAILED and settled(c.effects).state is MessageState.TRANSIENT
+
+
+def test_a_transient_first_answer_is_handed_back_and_not_accepted():
+    x = exchange(token=None)
+    x.first()
+    x.answered(503, (), b"{}", {})
+    assert x.next(NOW) is None
+    c = x.conclude(NOW)
+    assert c.decision is Decision.PASSED and settled(c.effects).state is MessageState.TRANSIENT
+    assert not any(isinstance(e, OpenWindow | MarkStale) for e in c.effects)
+
+
+def test_no_reissue_after_the_deadline():
+    x = exchange()
+    x.first()
+    x.answered(200, (), STALE, json.loads(STALE))
+    assert x.next(NOW + 11) is None  # not even begun: no attempt counted for it
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REISSUE_FAILED and x.errors == ["no time left before the deadline"]
+    assert settled(c.effects) == MessageRecord(MessageState.REFUSED, 1, StoredAnswer(200, (), STALE))
+
+
+def test_fresh_and_stale_tokens_choose_the_first_attempt():
+    x = exchange(Snapshot(fresh="new"))
+    step = x.first()
+    assert step.token == "new" and x.first_decision is Decision.SUBSTITUTED and b'"new"' in step.body
+    y = exchange(Snapshot(original_stale=True))
+    step = y.first()
+    assert step.token is None and y.first_decision is Decision.STRIPPED
+    # the body cannot be edited: sent as it came, not called "stripped"
+    z = exchange(Snapshot(original_stale=True), original=b"\xef\xbb\xbf" + body("tok"))
+    assert z.first().token == "tok" and z.first_decision is Decision.PASSED
+
+
+# ---------------------------------------------------------------- purity
+
+
+CORE = Path(__file__).resolve().parent.parent / "addon" / "ilink_fixproxy" / "core"
+FORBIDDEN = (
+    "sqlite3",
+    "asyncio",
+    "time",
+    "socket",
+    "ssl",
+    "httpx",
+    "httpcore",
+    "mitmproxy.proxy",
+    "mitmproxy.net",
+)
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in CORE.glob("*.py")))
+def test_the_core_imports_no_io(module: str):
+    tree = ast.parse((CORE / module).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+    assert not [n for n in names if n.split(".")[0] in FORBIDDEN or n.startswith(FORBIDDEN)]
