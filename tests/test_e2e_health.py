@@ -116,7 +116,16 @@ def test_a_stuck_event_loop_is_unhealthy_until_it_runs_again(tmp_path: Path):
     rules = tmp_path / "rules.yaml"
     text = (ROOT / "rules.yaml").read_text()
     rules.write_text(text)
-    with start("--rules", str(rules), "--state", ":memory:", "--set", "ilink_health_stall_s=1") as p:
+    with start(
+        "--rules",
+        str(rules),
+        "--state",
+        ":memory:",
+        "--confdir",
+        str(tmp_path / "conf"),
+        "--set",
+        "ilink_health_stall_s=1",
+    ) as p:
         assert wait_for(lambda: health(p) == (200, "ok\n"))
         # The proxy re-reads an edited rules file on its event loop: a rules file that is a FIFO
         # with no writer (a hung network mount behaves alike) blocks the loop in open().
