@@ -41,6 +41,15 @@ def run(factory: Any, make: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -75,12 +84,21 @@ def refused_address() -> Iterator[tuple[str, int]]:
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
-def test_a_host_name_connects_and_carries_bytes(factory: Any):
+@pytest.mark.parametrize(
+    ("host", "listen_on"),
+    [
+        ("localhost", "127.0.0.1"),
+        ("127.0.0.1", "127.0.0.1"),
+        pytest.param("::1", "::1", marks=pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1 here")),
+    ],
+    ids=["host-name", "ipv4-literal", "ipv6-literal"],
+)
+def test_a_host_connects_and_carries_bytes(factory: Any, host: str, listen_on: str):
     async def go() -> bytes:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        server = await asyncio.start_server(echo, listen_on, 0)
         async with server:
             port = server.sockets[0].getsockname()[1]
-            stream = await netbackend.connect_tcp("localhost", port)  # a name: resolved, then raced
+            stream = await netbackend.connect_tcp(host, port)  # a name is resolved, then raced
             await stream.write(b"ping")
             answer = await stream.read(4)
             await stream.aclose()
