@@ -35,7 +35,7 @@ MATRIX = (
 )
 
 nox.options.sessions = [f"tests-{python}" for python, _ in MATRIX]
-nox.options.download_python = "never"  # (nox >= 2025.2.9; older ones never download)
+nox.options.download_python = "never"  # (an option since nox 2025.10.14; older ones do not download)
 
 
 def _pyenv_root() -> Path:
