@@ -182,7 +182,7 @@ def safe_text_body(text: str) -> str | None:
     return redact_text(text)
 
 
-_KNOWN_MIN_LEN = 6  # shorter values ("1", "text") are too common to stand for themselves
+_KNOWN_MIN_LEN = 4  # shorter values ("1", "ok") are too common to stand for themselves in a text
 
 
 def known_values(doc: Any, headers: Iterable[tuple[str, str]] = ()) -> set[str]:
