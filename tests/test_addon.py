@@ -207,4 +207,4 @@ def test_an_unexpected_error_leaves_the_original_answer(pki: TestPKI, caplog):
     original = f.response
     repair(addon, f, pki)
     assert f.response is original
-    assert "original answer kept: RuntimeError" in caplog.text
+    assert "original answer kept: internal error RuntimeError: boom at tests/test_addon.py:204" in caplog.text

@@ -192,12 +192,14 @@ def test_the_startup_heap_is_frozen_once_the_proxy_listens():
 
     from ilink_fixproxy.cli import FreezeStartupHeap
 
-    assert gc.get_freeze_count() == 0
+    # Python 3.12 starts with a few hundred objects frozen already (375 on 3.12.1; 0 on 3.11 and
+    # 3.13), so count what the addon adds.
+    before = gc.get_freeze_count()
     try:
         FreezeStartupHeap().running()
-        assert gc.get_freeze_count() > 1000  # everything imported so far
+        assert gc.get_freeze_count() - before > 1000  # everything imported so far
     finally:
-        gc.unfreeze()
+        gc.unfreeze()  # (the interpreter's own go back to the oldest generation: still alive, still valid)
 
 
 def test_a_connection_cancelled_at_shutdown_is_no_traceback(caplog):

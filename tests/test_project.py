@@ -4,14 +4,19 @@ clean, and the README documents every flag the command has."""
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 from ilink_fixproxy.cli import build_parser
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -24,8 +29,43 @@ def readme() -> str:
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     command = ci[-1]
-    assert "pytest" in command
+    assert command.endswith("python -m nox")  # the whole matrix (noxfile.py), every session
     assert f"```sh\n{command}\n```" in readme()
+
+
+def nox_matrix() -> list[tuple[str, str]]:
+    """noxfile.py's (Python, mitmproxy requirement) pairs, read without importing nox."""
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    [value] = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MATRIX" for t in node.targets)
+    ]
+    return [tuple(pair) for pair in ast.literal_eval(value)]
+
+
+def test_pyproject_claims_exactly_what_the_test_matrix_runs():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    matrix = nox_matrix()
+    pythons = [python for python, _ in matrix]
+    classified = [
+        c.rsplit(" :: ", 1)[1] for c in project["classifiers"] if re.search(r"Python :: 3\.\d+$", c)
+    ]
+    assert sorted(classified, key=Version) == pythons
+    minors = [int(p.split(".")[1]) for p in pythons]
+    allowed = [
+        m
+        for m in range(minors[0] - 3, minors[-1] + 4)
+        if f"3.{m}.0" in SpecifierSet(project["requires-python"])
+    ]
+    assert allowed == minors  # neither an untested Python nor a gap
+    for python, mitmproxy in matrix:  # pyproject picks each session's mitmproxy, and only that one
+        picked = [
+            r
+            for r in map(Requirement, project["dependencies"])
+            if r.name == "mitmproxy" and (r.marker is None or r.marker.evaluate({"python_version": python}))
+        ]
+        assert [str(r.specifier) for r in picked] == [str(Requirement(mitmproxy).specifier)], python
 
 
 def test_readme_quick_start_has_the_demo_command():

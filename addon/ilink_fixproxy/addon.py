@@ -14,7 +14,9 @@ import logging
 import os
 import ssl
 import time
+import traceback
 import weakref
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -27,7 +29,7 @@ from .health import REPAIRS, STATE, Health, component_of
 from .jsonedit import get_path, remove_member
 from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object, request_line_only
 from .peers import PeerTracker, attempt_record
-from .redact import token_hash
+from .redact import known_values, redact_known, token_hash
 from .reissue import ReissueError, Reissuer, UpstreamTrust
 from .rules import Rule, RuleSet
 
@@ -45,6 +47,7 @@ _MARKS = {
 INTERCEPT_CHOICES = ("rule-hosts", "all")
 HOUSEKEEPING_S = 2.0
 _LINE_MEMO_SIZE = 1024  # distinct (method, host, URL) request lines whose rule selection is kept
+_MAX_ERROR_CHARS = 300  # of an internal error's message in the log
 _TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
 
 
@@ -360,7 +363,7 @@ class IlinkFixProxy:
         except Exception as e:  # never worse than no proxy: the original answer stays
             log.warning(
                 f"{_endpoint(flow)}: repair by rule {rule.name!r} failed, original answer kept: "
-                f"{type(e).__name__}"
+                f"internal error {_internal_error(e, flow, request_doc)}"
             )
             self.health.failed(REPAIRS, e)
         else:
@@ -535,6 +538,24 @@ def _readable(response: http.Response) -> bytes:
     if body and parse_json_object(body) is None:
         raise ReissueError("answer was not a JSON object")
     return body
+
+
+def _internal_error(e: BaseException, flow: http.HTTPFlow, request_doc: dict[str, Any]) -> str:
+    """An unexpected exception in one line an operator can act on and report: its type, its
+    message, and where it was raised (file:line of the innermost frame), e.g. ``AssertionError:
+    (no message) at asyncio/staggered.py:101``. Anything of the request the message might quote
+    (tokens, ids, message text) is replaced by its hash; the log formatter's redaction applies
+    on top."""
+    message = redact_known(str(e), known_values(request_doc, flow.request.headers.items(multi=True)))
+    message = " ".join(message.split())  # one line, whatever the message holds
+    if len(message) > _MAX_ERROR_CHARS:  # (cut after the redaction: no half secret survives it)
+        message = message[:_MAX_ERROR_CHARS] + "..."
+    frames = traceback.extract_tb(e.__traceback__)
+    where = ""
+    if frames:
+        path = Path(frames[-1].filename)
+        where = f" at {path.parent.name}/{path.name}:{frames[-1].lineno}"
+    return f"{type(e).__name__}: {message or '(no message)'}{where}"
 
 
 def _endpoint(flow: http.HTTPFlow) -> str:

@@ -20,7 +20,10 @@ running loop is a getpid() system call.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import itertools
 import select
+import socket
 import ssl
 import typing
 
@@ -137,10 +140,105 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 async def connect_tcp(host: str, port: int) -> AsyncioStream:
     """A TCP connection as httpcore's connections take it (no timeout: the caller bounds it)."""
     try:
-        # asyncio sets TCP_NODELAY on TCP connections, as anyio does.
-        reader, writer = await asyncio.open_connection(
-            host, port, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY_S
-        )
+        sock = await _connect_first(await _resolve(host, port), _HAPPY_EYEBALLS_DELAY_S)
     except OSError as e:
         raise httpcore.ConnectError(_why(e)) from e
+    try:
+        # asyncio sets TCP_NODELAY on the socket's transport, as anyio does.
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException as e:
+        sock.close()
+        if isinstance(e, OSError):
+            raise httpcore.ConnectError(_why(e)) from e
+        raise
     return AsyncioStream(reader, writer)
+
+
+# Happy eyeballs (RFC 8305) of our own, instead of asyncio's (``open_connection(...,
+# happy_eyeballs_delay=...)``): asyncio's runs on ``asyncio.staggered.staggered_race``, which
+# before CPython 3.12.8 / 3.13.5 (bug gh-124309) assumed a new task does not start running
+# before ``create_task`` returns. mitmproxy 12 installs ``asyncio.eager_task_factory``, under
+# which it does, and staggered_race fails an assertion on every connection, with any number of
+# addresses. The race below makes no assumption about when a task first runs: every attempt is
+# a task, and what happened is read only from ``asyncio.wait``'s answer, so an attempt that
+# finished inside ``create_task`` (eagerly) is simply one of the finished ones.
+#
+# Why a race at all rather than one address after the other: a first address that drops our SYN
+# (an IPv6 route that goes nowhere, a dead host in a DNS round-robin) would otherwise hold the
+# connection until the kernel gives up (about two minutes), far past any repair's deadline.
+
+
+_AddrInfo = tuple[int, int, int, str, tuple[typing.Any, ...]]
+
+
+async def _resolve(host: str, port: int) -> list[_AddrInfo]:
+    """The addresses to try, alternating address families from the first one's, as RFC 8305
+    (and asyncio's own ``interleave``) do; an IP literal without a trip to the resolver thread."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"getaddrinfo() returned no address for {host}")
+    by_family: dict[int, list[_AddrInfo]] = {}
+    for info in infos:
+        by_family.setdefault(info[0], []).append(info)
+    rounds = itertools.zip_longest(*by_family.values())
+    return [info for batch in rounds for info in batch if info is not None]
+
+
+async def _connect_one(info: _AddrInfo) -> socket.socket:
+    family, type_, proto, _, address = info
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:  # a failure, or cancelled because another address won: never leak it
+        sock.close()
+        raise
+    return sock
+
+
+async def _connect_first(infos: list[_AddrInfo], delay: float) -> socket.socket:
+    """A socket connected to the first of `infos` that answers. Each address gets `delay` seconds
+    on its own; then the next one starts alongside (at once when every running attempt failed).
+    The others are cancelled (their sockets closed) as soon as one connects; OSError when every
+    address failed, naming each failure."""
+    loop = asyncio.get_running_loop()
+    waiting = list(reversed(infos))
+    running: set[asyncio.Task[socket.socket]] = set()
+    errors: list[str] = []
+    try:
+        while waiting or running:
+            if waiting:
+                running.add(loop.create_task(_connect_one(waiting.pop())))
+            done, running = await asyncio.wait(
+                running, timeout=delay if waiting else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            connected = [task.result() for task in done if task.exception() is None]
+            if connected:
+                for extra in connected[1:]:  # two connected in the same turn of the loop
+                    extra.close()
+                return connected[0]
+            for task in done:
+                error = task.exception()
+                if not isinstance(error, OSError):
+                    raise typing.cast(BaseException, error)
+                errors.append(_why(error))
+            # An attempt failed (start the next address now) or the delay passed (start it
+            # alongside); with nothing left to start, wait on for the running ones.
+    finally:
+        # The others (or all of them, when the caller's deadline cancelled us) are cancelled, and
+        # awaited so that their sockets are closed by the time we return.
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        for task in running:
+            if not task.cancelled() and task.exception() is None:  # connected before the cancel
+                task.result().close()
+    raise OSError("; ".join(dict.fromkeys(errors)) or "no address to connect to")

@@ -180,3 +180,36 @@ def safe_text_body(text: str) -> str | None:
     if _SECRET_MENTION_RE.search(text):
         return None
     return redact_text(text)
+
+
+_KNOWN_MIN_LEN = 4  # shorter values ("1", "ok") are too common to stand for themselves in a text
+
+
+def known_values(doc: Any, headers: Iterable[tuple[str, str]] = ()) -> set[str]:
+    """Every string in a parsed request body (tokens, ids, message text) and every credential in its
+    headers: what must not appear in a line about that request (see redact_known)."""
+    found: set[str] = set()
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and len(item) >= _KNOWN_MIN_LEN:
+            found.add(item)
+    for name, value in headers:
+        if name.lower() in SECRET_HEADERS:
+            found.add(value)
+            found.add(value.partition(" ")[2])
+    return {v for v in found if len(v) >= _KNOWN_MIN_LEN}
+
+
+def redact_known(text: str, values: Iterable[str]) -> str:
+    """`text` with each of `values` replaced by its token_hash (longest first, so a value that
+    contains another is replaced whole): for free text that may quote a request, such as an
+    exception's message, where no key tells a secret apart."""
+    for value in sorted(values, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, token_hash(value))
+    return text
