@@ -75,6 +75,8 @@ def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text=True,
         timeout=300,
         stdin=subprocess.DEVNULL,
+        # its cache and logs beside the install, not in HOME (the tests' HOME stays empty)
+        env={**os.environ, "npm_config_cache": str(work / ".npm"), "npm_config_update_notifier": "false"},
     )
     assert p.returncode == 0, f"npm install {UNDICI} failed:\n{p.stdout}{p.stderr}"
     return work
