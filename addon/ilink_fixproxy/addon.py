@@ -176,17 +176,30 @@ class IlinkFixProxy:
     async def _housekeep(self) -> None:
         """Every few seconds: reload an edited rules file, expire old deferred sends, serve
         `outbox flush` requests."""
+        failing: dict[str, str] = {}  # step -> the error it last logged
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
-            self._reload_rules_if_changed()
-            if self.tracker is None:
-                continue
-            try:
-                self.tracker.write_back()  # (normally done by then: see response and error)
-                self.tracker.outbox.expire(time.time())
-                self.tracker.flush_requested()
-            except Exception as e:  # keep going: one bad round must not end housekeeping
-                log.warning(f"ilink-fixproxy housekeeping: {type(e).__name__}: {e}")
+            for name, step in (
+                ("rules reload", self._reload_rules_if_changed),
+                ("peer state", self._tend_state),
+            ):
+                # Each step on its own, and nothing escapes: an exception ending this task would
+                # silently stop reloads, outbox expiry, flush requests and the write-back fallback.
+                try:
+                    step()
+                except Exception as e:
+                    what = f"{type(e).__name__}: {e}"
+                    if failing.get(name) != what:  # once, not every round while it lasts
+                        log.warning(f"ilink-fixproxy housekeeping ({name}): {what}")
+                    failing[name] = what
+                else:
+                    failing.pop(name, None)
+
+    def _tend_state(self) -> None:
+        if self.tracker is not None:
+            self.tracker.write_back()  # (normally done by then: see response and error)
+            self.tracker.outbox.expire(time.time())
+            self.tracker.flush_requested()
 
     def _rules_file_mtime(self) -> int | None:
         path = ctx.options.ilink_rules
