@@ -21,6 +21,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import human
 
+from . import overload
 from . import rules as rules_mod
 from . import state as state_mod
 from .jsonedit import get_path, remove_member
@@ -57,6 +58,7 @@ class IlinkFixProxy:
         self._state_key: tuple[str, ...] | None = None
         self._running = False
         self._housekeeping: asyncio.Future[None] | None = None
+        self._exhaustion: overload.ExhaustionReport | None = None
         self._in_flight = 0
         self._line_memo_for: RuleSet | None = None
         self._line_memo: dict[tuple[bytes, str, str], tuple[list[Rule], bool]] = {}
@@ -172,6 +174,8 @@ class IlinkFixProxy:
         except exceptions.OptionsError as e:
             log.error(str(e))  # mitmproxy's errorcheck stops a proxy that logged an error at startup
         self._housekeeping = asyncio.ensure_future(self._housekeep())
+        # after mitmproxy installed its own handler (in Master.run), which this one wraps
+        self._exhaustion = overload.install(asyncio.get_running_loop())
 
     async def _housekeep(self) -> None:
         """Every few seconds: reload an edited rules file, expire old deferred sends, serve
@@ -261,6 +265,8 @@ class IlinkFixProxy:
     def done(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self._exhaustion is not None:
+            self._exhaustion.cancel()
         self._close_state()
 
     def _sync_stream_large_bodies(self) -> None:
