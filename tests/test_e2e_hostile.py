@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import HEADERS, ROOT, upstream_args
+from conftest import HEADERS, ROOT, Gateway, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess
 from ilink_fixproxy.sandbox import FakeILink, TestPKI
 
@@ -60,3 +60,21 @@ def test_out_of_file_descriptors_is_one_line_and_serving_resumes(
     assert "Traceback" not in out and "Unhandled error" not in out, out[:3000]
     lines = [ln for ln in out.splitlines() if "cannot accept connections" in ln]
     assert len(lines) == 1 and "open-files limit 64" in lines[0], out[:3000]
+
+
+def test_control_characters_from_the_wire_cannot_forge_log_lines(peer_proxy: ProxyProcess, fake: FakeILink):
+    """Item 9: a client_id carrying a newline and ANSI escapes used to start a line of its own in
+    the text log (here a forged "repaired" decision), and recolour the terminal."""
+    gw = Gateway(peer_proxy)
+    forged = "[10:00:00.000] repaired: sendmessage to peer forged"
+    try:
+        r = gw.send("stale-token-forge", client_id=f"cid-x\n{forged}\x1b[2K\u2028")
+    finally:
+        gw.client.close()
+    assert r.status_code == 200
+    wait_for(lambda: "cid-x" in peer_proxy.output)
+    out = peer_proxy.output
+    line = next(ln for ln in out.splitlines() if "cid-x" in ln)
+    assert f"cid-x\\n{forged}\\x1b[2K\\u2028" in line
+    assert not any(ln.startswith(forged) for ln in out.splitlines())
+    assert "\x1b[2K" not in out and "\u2028" not in out
