@@ -4,14 +4,16 @@ answers, malformed credential headers, trailers."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-from conftest import HEADERS, ROOT, Gateway, upstream_args
-from ilink_fixproxy.launcher import ProxyProcess
+from conftest import HEADERS, ROOT, Gateway, start_proxy, upstream_args
+from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import FakeILink, TestPKI
 
 
@@ -78,3 +80,35 @@ def test_control_characters_from_the_wire_cannot_forge_log_lines(peer_proxy: Pro
     assert f"cid-x\\n{forged}\\x1b[2K\\u2028" in line
     assert not any(ln.startswith(forged) for ln in out.splitlines())
     assert "\x1b[2K" not in out and "\u2028" not in out
+
+
+def test_a_symlink_or_hard_link_to_the_state_file_is_the_same_state_file(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path
+):
+    """Item 9: the one-proxy lock was named after the path given, so a second proxy started on a
+    symlink or a hard link to the state file ran too, and both delivered every deferred send."""
+    state = tmp_path / "state.sqlite3"
+    symlink, hardlink = tmp_path / "via-symlink.sqlite3", tmp_path / "other-dir" / "via-hardlink.sqlite3"
+
+    def second(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ilink_fixproxy_argv(
+                "--listen", "127.0.0.1:0", *upstream_args(fake, pki, tmp_path / "c2"), "--state", str(path)
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,  # a second proxy that starts never exits by itself: this fails the test
+            env=clean_env(),
+        )
+
+    with start_proxy(*upstream_args(fake, pki, tmp_path / "c"), "--state", str(state)) as first:
+        symlink.symlink_to(state)
+        p = second(symlink)
+        assert p.returncode != 0 and "Traceback" not in p.stderr
+        assert f"state file {symlink} is in use by another ilink-fixproxy (pid {first.proc.pid})" in p.stderr
+
+        hardlink.parent.mkdir()
+        os.link(state, hardlink)
+        p = second(hardlink)
+        assert p.returncode != 0 and "Traceback" not in p.stderr
+        assert "has 2 names (hard links)" in p.stderr and len(p.stderr.strip().splitlines()) == 1
