@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import HEADERS, ROOT, SEND, Gateway, start_proxy, upstream_args
+from conftest import HEADERS, ROOT, SEND, Gateway, send_body, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 
@@ -125,3 +125,57 @@ def test_a_huge_first_answer_is_not_buffered_whole(peer_proxy: ProxyProcess, fak
     finally:
         gw.client.close()
     assert r.status_code == 502 and "answer larger than 4194304 bytes" in r.text
+
+
+def test_malformed_credential_header_lines_are_not_captured_in_clear(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path
+):
+    """Item 9: a header line without a colon that starts with a space is folded into the previous
+    header's value by mitmproxy: "Authorization Bearer <token>" went in clear into the journal, the
+    flow file and the HAR export; so did credentials under names not on the secret list."""
+    secrets = ["FOLDEDs3cr3t0001", "XAUTHs3cr3t0003", "ANYs3cr3t0004"]
+    cap = tmp_path / "cap"
+    body = send_body(None, client_id="cid-malformed-header")
+    head = (
+        "POST /ilink/bot/sendmessage HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"X-Note: hello\r\n Authorization Bearer {secrets[0]}\r\n"
+        f"X-Auth-Token: {secrets[1]}\r\n"
+        f"X-Copy: Bearer {secrets[2]}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    with start_proxy(
+        *upstream_args(fake, pki, tmp_path / "c"),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+        "--capture",
+        str(cap),
+        "--capture-flows",
+    ) as p:
+        host, port = p.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(head.encode() + body)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        wait_for(
+            lambda: (
+                (cap / "journal.jsonl").exists()
+                and b"cid-malformed-header" in (cap / "journal.jsonl").read_bytes()
+            )
+        )
+    sent = dict((k.lower(), v) for k, v in fake.sends()[-1].headers)
+    assert sent["x-auth-token"] == secrets[1]  # iLink gets the request as sent: only captures are redacted
+    har = tmp_path / "out.har"
+    export = subprocess.run(
+        ilink_fixproxy_argv("capture", "export", "--har", str(har), str(cap)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert export.returncode == 0, export.stderr
+    for f in (cap / "journal.jsonl", cap / "flows.mitm", har):
+        data = f.read_bytes()
+        assert data and not [s for s in secrets if s.encode() in data], f.name
+    assert "Traceback" not in p.output
