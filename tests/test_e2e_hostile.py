@@ -26,15 +26,20 @@ def wait_for(predicate, timeout: float = 15.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def start_limited_proxy(nofile: int, *args: str) -> ProxyProcess:
-    """The real command in a child whose open-files limit is `nofile` (set before it starts)."""
+def start_proxy_after(prelude: str, *args: str) -> ProxyProcess:
+    """The real command in a child that runs `prelude` (Python) first: a lower open-files limit, a
+    umask, set in the process itself before anything else."""
     boot = (
-        "import resource, runpy, sys; "
-        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
-        "sys.argv = ['ilink-fixproxy', *sys.argv[1:]]; "
+        f"{prelude}; import runpy, sys; sys.argv = ['ilink-fixproxy', *sys.argv[1:]]; "
         "runpy.run_module('ilink_fixproxy', run_name='__main__', alter_sys=True)"
     )
     return ProxyProcess([sys.executable, "-c", boot, "--listen", "127.0.0.1:0", *args])
+
+
+def start_limited_proxy(nofile: int, *args: str) -> ProxyProcess:
+    return start_proxy_after(
+        f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile}))", *args
+    )
 
 
 def test_out_of_file_descriptors_is_one_line_and_serving_resumes(
@@ -179,3 +184,16 @@ def test_malformed_credential_header_lines_are_not_captured_in_clear(
         data = f.read_bytes()
         assert data and not [s for s in secrets if s.encode() in data], f.name
     assert "Traceback" not in p.output
+
+
+def test_the_confdir_is_owner_only_whatever_the_umask(fake: FakeILink, pki: TestPKI, tmp_path: Path):
+    """Item 9: under umask 000 mitmproxy created the confdir 0777 (the CA's private key inside) and
+    the upstream CA bundle 0666 (anyone could add a CA and read the bot's traffic to iLink)."""
+    conf = tmp_path / "conf"
+    with start_proxy_after(
+        "import os; os.umask(0)", *upstream_args(fake, pki, conf), "--rules", str(ROOT / "rules.yaml")
+    ):
+        pass
+    assert conf.stat().st_mode & 0o777 == 0o700
+    for f in conf.iterdir():
+        assert f.stat().st_mode & 0o077 == 0, (f.name, oct(f.stat().st_mode))

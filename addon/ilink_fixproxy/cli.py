@@ -296,6 +296,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     rules_path = resolve_rules_path(args.rules)
     ruleset = load_rules(rules_path)
     confdir = Path(os.path.expanduser(args.confdir))
+    make_private_dir(confdir)
     bundle = None
     if args.upstream_ca:
         bundle = write_upstream_bundle(Path(args.upstream_ca), confdir)
@@ -335,10 +336,29 @@ def write_upstream_bundle(ca: Path, confdir: Path) -> Path:
         raise UsageError(f"--upstream-ca {ca}: not a readable PEM certificate ({e})") from None
     if "BEGIN CERTIFICATE" not in extra:
         raise UsageError(f"--upstream-ca {ca}: no PEM certificate in it")
-    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(confdir)
     bundle = confdir / UPSTREAM_BUNDLE_NAME
-    bundle.write_text(Path(certifi.where()).read_text("ascii") + "\n" + extra, "ascii")
+    text = Path(certifi.where()).read_text("ascii") + "\n" + extra
+    # owner-only whatever the umask: a CA bundle others can write lets them intercept iLink
+    fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        os.fchmod(fd, 0o600)
+        fh.write(text)
     return bundle
+
+
+def make_private_dir(path: Path) -> None:
+    """Create the confdir owner-only (0700) whatever the umask: left to mitmproxy, its makedirs
+    made it 0777 under umask 000, with the CA's private key inside. An existing directory is left
+    as the operator made it."""
+    if path.is_dir():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as e:
+        raise UsageError(f"cannot create {path}: {e.strerror or e}") from None
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -540,6 +560,10 @@ async def graceful_shutdown(m: object, grace_s: float = 12.0) -> None:
 
 
 def run_proxy(args: argparse.Namespace) -> int:
+    # Whatever the umask the proxy is started with (000 in some containers and service managers),
+    # what it creates (confdir, mitmproxy's CA key, certificate and dhparam files, state, captures)
+    # is owner-only: nothing it writes is for other users.
+    os.umask(os.umask(0o077) | 0o077)
     s = settings_from_args(args)
     check_port_free(s.listen_host, s.listen_port)
     check_state_free(s)
@@ -561,6 +585,7 @@ def cmd_ca(confdir_arg: str | None) -> int:
     from mitmproxy.options import KEY_SIZE
 
     confdir = Path(os.path.expanduser(confdir_arg or DEFAULT_CONFDIR))
+    make_private_dir(confdir)
     try:
         certs.CertStore.from_store(confdir, "mitmproxy", KEY_SIZE)
     except OSError as e:
