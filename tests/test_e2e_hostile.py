@@ -197,3 +197,40 @@ def test_the_confdir_is_owner_only_whatever_the_umask(fake: FakeILink, pki: Test
     assert conf.stat().st_mode & 0o777 == 0o700
     for f in conf.iterdir():
         assert f.stat().st_mode & 0o077 == 0, (f.name, oct(f.stat().st_mode))
+
+
+def test_explain_and_export_read_a_journal_with_a_request_mitmproxy_refused(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path
+):
+    """Item 9: a request mitmproxy refuses (both Transfer-Encoding and Content-Length) is journaled
+    with the URL "://x:443/ilink/bot/sendmessage"; `explain` crashed on it (No hostname given)."""
+    cap = tmp_path / "cap"
+    with start_proxy(
+        *upstream_args(fake, pki, tmp_path / "c"), "--rules", str(ROOT / "rules.yaml"), "--capture", str(cap)
+    ) as p:
+        host, port = p.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(
+                b"POST /ilink/bot/sendmessage HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Length: 5\r\n\r\n0\r\n\r\n"
+            )
+            assert s.recv(100).startswith(b"HTTP/1.1 400")
+        wait_for(
+            lambda: (
+                (cap / "journal.jsonl").exists()
+                and b'"decision": "error"' in (cap / "journal.jsonl").read_bytes()
+            )
+        )
+    for args in (
+        ["explain", str(cap)],
+        ["explain", str(cap), "--json"],
+        ["capture", "export", "--har", str(tmp_path / "o.har"), str(cap)],
+    ):
+        r = subprocess.run(
+            ilink_fixproxy_argv(*args), capture_output=True, text=True, timeout=60, env=clean_env()
+        )
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    r = subprocess.run(
+        ilink_fixproxy_argv("explain", str(cap)), capture_output=True, text=True, timeout=60, env=clean_env()
+    )
+    assert "sendmessage" in r.stdout and "error" in r.stdout
