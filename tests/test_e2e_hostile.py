@@ -234,3 +234,25 @@ def test_explain_and_export_read_a_journal_with_a_request_mitmproxy_refused(
         ilink_fixproxy_argv("explain", str(cap)), capture_output=True, text=True, timeout=60, env=clean_env()
     )
     assert "sendmessage" in r.stdout and "error" in r.stdout
+
+
+def test_a_chunked_request_with_trailers_is_refused_at_once(proxy: ProxyProcess, fake: FakeILink):
+    """Item 9: mitmproxy raises NotImplementedError on HTTP/1 trailers inside its proxy layer; the
+    gateway got no answer at all until its own timeout."""
+    body = send_body("ctx-trailers", client_id="cid-trailers")
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    for path in (SEND, "/ilink/bot/getconfig"):  # buffered (a rule selects it) and streamed
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                + b"Transfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+                + b"%x\r\n" % len(body)
+                + body
+                + b"\r\n0\r\nX-Checksum: 1\r\n\r\n"
+            )
+            answer = b""
+            while chunk := s.recv(65536):  # the proxy answers, then closes
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400") and b"trailers" in answer, answer[:300]
+    assert not [r for r in fake.sends() if r.client_id == "cid-trailers"]  # nothing was delivered
+    assert "Traceback" not in proxy.output

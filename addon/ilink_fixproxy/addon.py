@@ -21,7 +21,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import human
 
-from . import overload
+from . import overload, trailers
 from . import rules as rules_mod
 from . import state as state_mod
 from .jsonedit import get_path, remove_member
@@ -110,6 +110,7 @@ class IlinkFixProxy:
             "Deferred delivery for every rule (on_closed: defer): sends to a peer whose window is "
             "closed are queued and delivered when the peer writes again, instead of being refused.",
         )
+        trailers.install()  # a chunked body with trailers: a clear 400/502 at once, not a hang
         # mitmproxy calls configure() only for options that change later (or, for `-s` scripts,
         # once with all of them), so start from the packaged rules rather than from nothing.
         self.ruleset = rules_mod.load_default()
