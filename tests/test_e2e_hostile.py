@@ -256,3 +256,19 @@ def test_a_chunked_request_with_trailers_is_refused_at_once(proxy: ProxyProcess,
         assert answer.startswith(b"HTTP/1.1 400") and b"trailers" in answer, answer[:300]
     assert not [r for r in fake.sends() if r.client_id == "cid-trailers"]  # nothing was delivered
     assert "Traceback" not in proxy.output
+
+
+def test_a_body_with_duplicate_msg_objects_is_never_re_issued_with_a_token(
+    proxy: ProxyProcess, fake: FakeILink
+):
+    """Item 9: with two "msg" objects the edit followed the last one (as json.loads does) and the
+    "tokenless" re-issue still carried the first one's token, which a server reading the first
+    duplicate uses. Such a body is ambiguous: it is not edited, iLink's answer stays."""
+    first = send_body("ctx-dup-first", client_id="cid-dup").decode()
+    last = send_body("ctx-dup-last", client_id="cid-dup").decode()
+    body = ('{"msg": ' + first[len('{"msg": ') : first.index(', "base_info"')] + ", " + last[1:]).encode()
+    with httpx.Client(trust_env=False, timeout=30) as c:
+        r = c.post(proxy.url + SEND, content=body, headers=HEADERS)
+    assert r.status_code == 200 and "x-ilink-fixproxy" not in r.headers  # iLink's refusal, as is
+    sent = [s for s in fake.sends() if b"cid-dup" in s.body]
+    assert [s.body for s in sent] == [body]  # the original only: no re-issue carrying ctx-dup-first
