@@ -57,7 +57,9 @@ def install() -> bool:
             # then as for any malformed body: close, and the stream's protocol error (the error
             # hook records it; an answer's trailers become a 502 for the client)
             yield commands.CloseConnection(self.conn)
-            yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, message))
+            # the class's default code, as mitmproxy passes it (required, an ErrorCode, in 12.x)
+            error = self.ReceiveProtocolError(self.stream_id, message, code=self.ReceiveProtocolError.code)
+            yield ReceiveHttp(error)
 
     setattr(read_body, _MARK, True)
     conn_cls.read_body = read_body  # type: ignore[union-attr]
