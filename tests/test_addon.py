@@ -208,3 +208,35 @@ def test_an_unexpected_error_leaves_the_original_answer(pki: TestPKI, caplog):
     repair(addon, f, pki)
     assert f.response is original
     assert "original answer kept: internal error RuntimeError: boom at tests/test_addon.py:204" in caplog.text
+
+
+def test_housekeeping_survives_a_failing_step_and_says_so_once(monkeypatch, caplog):
+    """Whatever a housekeeping step raises, the loop goes on with the other steps and the next
+    rounds, and a fault that lasts is logged once, not every round."""
+    monkeypatch.setattr("ilink_fixproxy.addon.HOUSEKEEPING_S", 0)
+    addon = IlinkFixProxy()
+    tended = 0
+
+    def broken() -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    def tend() -> None:
+        nonlocal tended
+        tended += 1
+
+    addon._reload_rules_if_changed = broken  # type: ignore[method-assign]
+    addon._tend_state = tend  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.ensure_future(addon._housekeep())
+        while tended < 5 and not task.done():
+            await asyncio.sleep(0)
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, "ilink_fixproxy"):
+        asyncio.run(run())
+    assert tended == 5
+    lines = [r.getMessage() for r in caplog.records if "housekeeping" in r.getMessage()]
+    assert lines == [
+        "ilink-fixproxy housekeeping (rules reload): RecursionError: maximum recursion depth exceeded"
+    ]

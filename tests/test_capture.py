@@ -75,6 +75,25 @@ def test_redaction_hashes_secrets_and_ids_and_omits_message_content():
     assert redact_json(out) == out  # idempotent: redacting a capture again changes nothing
 
 
+def test_malformed_and_unlisted_credential_headers_are_hashed():
+    from ilink_fixproxy.redact import redact_field
+
+    # a line mitmproxy folded into the previous value, or a name with a space in it: hashed whole
+    assert redact_field("X-Note", "hi\r\n Authorization Bearer tok-1") == (
+        "X-Note",
+        token_hash("hi\r\n Authorization Bearer tok-1"),
+    )
+    assert redact_field("Authorization Bearer", "tok-2") == ("Authorization Bearer", token_hash("tok-2"))
+    name, _ = redact_field("Authorization Bearer tok-3", "x")
+    assert "tok-3" not in name
+    # names that say credential, and a credential scheme under any name
+    assert redact_field("X-Auth-Token", "tok-4") == ("X-Auth-Token", token_hash("tok-4"))
+    assert redact_field("X-Copy", "Bearer tok-5") == ("X-Copy", f"Bearer {token_hash('tok-5')}")
+    # what is not a credential stays readable
+    assert redact_field("AuthorizationType", "ilink_bot_token") == ("AuthorizationType", "ilink_bot_token")
+    assert redact_field("User-Agent", "hermes/1.0") == ("User-Agent", "hermes/1.0")
+
+
 def test_redaction_of_headers_urls_and_free_text():
     assert redact_header("Authorization", "Bearer bot@im.bot:sec") == f"Bearer {token_hash('bot@im.bot:sec')}"
     assert redact_header("Content-Type", "application/json") == "application/json"

@@ -145,6 +145,21 @@ def test_check_explains_a_valid_file_and_rejects_a_bad_one(tmp_path: Path):
     assert_one_line_error(run("check", str(bad)), 1, f"{bad}:5:", "retries", "0 to 3")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version: 1\nrules: " + "[" * 5000 + "]" * 5000 + "\n",
+        "version: 1\nrules:\n  - name: x\n    match: {filter: '~q', response_any: [{ret: -2}]}\n"
+        "    action: {remove: msg.context_token, retries: " + "9" * 5000 + "}\n",
+    ],
+    ids=["nested-5000-deep", "5000-digit-number"],
+)
+def test_check_of_a_file_that_broke_the_yaml_parser_is_one_line(text: str, tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert_one_line_error(run("check", str(bad)), 1, f"{bad}:")
+
+
 def test_check_without_a_path_uses_the_packaged_rules(tmp_path: Path):
     p = run("check", cwd=tmp_path)
     assert p.returncode == 0 and "packaged" in p.stdout

@@ -56,6 +56,40 @@ def test_an_edited_rules_file_is_reloaded_and_a_broken_edit_keeps_the_last_good(
         assert "Traceback" not in p.output
 
 
+def test_rules_edits_that_broke_the_yaml_parser_are_one_warning_and_reloads_go_on(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path
+):
+    """Issue 13 item 7: YAML nested 5000 deep or a 5000-digit number used to escape the reload
+    as RecursionError / ValueError and end housekeeping silently (no more reloads, outbox expiry
+    or flush requests)."""
+    rules = core_rules(tmp_path)
+    good = rules.read_text()
+    hostile = [
+        "version: 1\nrules: " + "[" * 5000 + "]" * 5000 + "\n",
+        good.replace("retries: 1", "retries: " + "9" * 5000),
+        good.replace("~m POST", "(" * 5000 + "~m POST" + ")" * 5000),
+    ]
+    with (
+        start_proxy(*upstream_args(fake, pki, tmp_path / "c"), "--rules", str(rules)) as p,
+        httpx.Client(trust_env=False, timeout=30) as c,
+    ):
+        for n, text in enumerate(hostile, 1):
+            rules.write_text(text)
+            wait_for(lambda n=n: p.output.count("keeping the last good rules") == n)
+        r = c.post(p.url + SEND, content=send_body(STALE), headers=HEADERS)
+        assert r.headers["x-ilink-fixproxy"].startswith("repaired")  # the last good rules serve
+
+        rules.write_text(good.replace("retries: 1", "retries: 0"))
+        wait_for(lambda: "rules reloaded: 1 rule(s)" in p.output)  # housekeeping is still alive
+        r = c.post(p.url + SEND, content=send_body(STALE), headers=HEADERS)
+        assert "x-ilink-fixproxy" not in r.headers
+    warnings = [ln for ln in p.output.splitlines() if "keeping the last good rules" in ln]
+    assert [str(rules) in ln and len(ln) < 600 for ln in warnings] == [True] * 3, warnings
+    assert "nested more than 32 levels" in warnings[0] and "cannot read this value" in warnings[1]
+    assert "too many nested parentheses" in warnings[2]
+    assert "Traceback" not in p.output
+
+
 def test_sigterm_lets_an_in_flight_repair_finish(fake: FakeILink, pki: TestPKI, tmp_path: Path):
     fake.script(SEND, Answer(body=b'{"ret":-2}'), Answer(body=b"{}", delay=1.5))
     result: dict[str, httpx.Response] = {}

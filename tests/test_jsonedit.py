@@ -131,13 +131,20 @@ def test_duplicate_keys_leaf_all_removed() -> None:
     assert remove_member(b'{"b":0, "a":1, "a":2}', ("a",)) == b'{"b":0}'
 
 
-def test_duplicate_keys_descend_last() -> None:
+def test_a_duplicate_key_on_the_path_is_not_edited() -> None:
+    """Issue 13 item 9: json.loads reads the last "msg", a server may read the first; editing
+    only the last one sent a "tokenless" re-issue that still carried the first one's token."""
     body = b'{"m":{"t":1,"u":2},"x":0,"m":{"t":3,"u":4}}'
-    assert remove_member(body, ("m", "t")) == b'{"m":{"t":1,"u":2},"x":0,"m":{"u":4}}'
-    # the last "m" has no "v", even though the first one does
+    assert remove_member(body, ("m", "t")) is None
+    assert replace_value(body, ("m", "t"), 9) is None
     assert remove_member(b'{"m":{"v":1},"m":{"t":3}}', ("m", "v")) is None
-    # the last "m" is not an object
     assert remove_member(b'{"m":{"t":1},"m":5}', ("m", "t")) is None
+    # a duplicated leaf: removing takes every copy, replacing one of them is refused
+    assert remove_member(b'{"m":{"t":1,"t":2,"u":3}}', ("m", "t")) == b'{"m":{"u":3}}'
+    assert replace_value(b'{"m":{"t":1,"t":2}}', ("m", "t"), 9) is None
+    from ilink_fixproxy.jsonedit import set_value
+
+    assert set_value(b'{"m":{"t":1,"t":2}}', ("m", "t"), 9) is None
 
 
 @pytest.mark.parametrize(
@@ -213,7 +220,7 @@ def test_replace_value_examples() -> None:
         b'{ "a" : null , "msg" : { "context_token" : "old" , "n" : 1.0 } }'
     )
     # duplicates: only the last occurrence (the one json.loads sees) is replaced
-    assert replace_value(b'{"a":1,"a":2}', ("a",), 3) == b'{"a":1,"a":3}'
+    assert replace_value(b'{"a":1,"a":2}', ("a",), 3) is None  # which one would the server read?
     # lone surrogates cannot be carried by UTF-8 and are escaped instead
     out = replace_value(b'{"a":1}', ("a",), "\ud800")
     assert out == b'{"a":"\\ud800"}'
@@ -430,10 +437,13 @@ def test_duplicates_and_raw_spellings_property(
     del expected[key]
     assert json.loads(removed) == expected
 
-    # replacement: only the last occurrence changes, spelled compactly
-    last = max(i for i, (k, _) in enumerate(pairs) if k == key)
+    # replacement: the one occurrence changes, spelled compactly; with duplicates, nothing does
+    found = [i for i, (k, _) in enumerate(pairs) if k == key]
+    if len(found) > 1:
+        assert replace_value(body, (key,), new_value) is None
+        return
     new = json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))
-    replaced = [(k, new if i == last else v) for i, (k, v) in enumerate(pairs)]
+    replaced = [(k, new if i == found[0] else v) for i, (k, v) in enumerate(pairs)]
     assert replace_value(body, (key,), new_value) == build(replaced, layout)
 
 

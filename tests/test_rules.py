@@ -264,3 +264,50 @@ def test_shipped_rules_use_peer_state():
     (rule,) = rules.load_default().rules
     assert rule.peer_state is not None and rule.peer_state.on_closed == "answer-locally"
     assert "peer state" in rules.describe(rules.load_default())
+
+
+# Rules files that used to escape as RecursionError / ValueError (issue 13, item 7), or stall the
+# proxy's event loop for minutes inside mitmproxy's filter parser.
+_ONE_RULE = (
+    "version: 1\nrules:\n  - name: r\n    match: {{filter: {filter}, response_any: [{{ret: {ret}}}]}}\n"
+    "    action: {{remove: msg.context_token, retries: {retries}}}\n"
+)
+_HOSTILE = {
+    "nested": ("version: 1\nrules: " + "[" * 5000 + "]" * 5000 + "\n", 2, "nested more than 32 levels"),
+    "long integer": (
+        _ONE_RULE.format(filter="'~q'", ret=-2, retries="9" * 5000),
+        5,
+        "retries: cannot read this value",
+    ),
+    "long integer in a condition": (
+        _ONE_RULE.format(filter="'~q'", ret="9" * 5000, retries=1),
+        4,
+        "ret: cannot read this value",
+    ),
+    "deep filter": (
+        _ONE_RULE.format(filter="'" + "(" * 5000 + "~q" + ")" * 5000 + "'", ret=-2, retries=1),
+        4,
+        "too many nested parentheses",
+    ),
+    "slow filter": (_ONE_RULE.format(filter="'((((((~q))))))'", ret=-2, retries=1), 4, "write it flatter"),
+    "slow negation": (
+        _ONE_RULE.format(filter="'" + "!" * 16 + "~q'", ret=-2, retries=1),
+        4,
+        "write it flatter",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_HOSTILE))
+def test_hostile_files_are_one_rules_error_with_the_line(name: str):
+    text, line, expected = _HOSTILE[name]
+    msg = error_of(text)
+    assert re.match(rf"test\.yaml:{line}:\d+: ", msg), msg
+    assert expected in msg and "\n" not in msg and len(msg) < 400
+
+
+def test_real_filters_with_parentheses_and_negation_still_load():
+    for expr in ("!(~m POST & !(~u a | ~u b))", '~m POST & ~u "^/ilink/bot/(sendmessage|sendtyping)$"'):
+        assert (
+            parse(_ONE_RULE.format(filter=repr(expr), ret=-2, retries=1)).rules[0].match.filter_expr == expr
+        )

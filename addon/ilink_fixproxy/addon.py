@@ -23,6 +23,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import human
 
+from . import overload, trailers
 from . import rules as rules_mod
 from . import state as state_mod
 from .health import REPAIRS, STATE, Health, component_of
@@ -61,6 +62,7 @@ class IlinkFixProxy:
         self._state_key: tuple[str, ...] | None = None
         self._running = False
         self._housekeeping: asyncio.Future[None] | None = None
+        self._exhaustion: overload.ExhaustionReport | None = None
         self._in_flight = 0
         self._line_memo_for: RuleSet | None = None
         self._line_memo: dict[tuple[bytes, str, str], tuple[list[Rule], bool]] = {}
@@ -113,6 +115,7 @@ class IlinkFixProxy:
             "Deferred delivery for every rule (on_closed: defer): sends to a peer whose window is "
             "closed are queued and delivered when the peer writes again, instead of being refused.",
         )
+        trailers.install()  # a chunked body with trailers: a clear 400/502 at once, not a hang
         # mitmproxy calls configure() only for options that change later (or, for `-s` scripts,
         # once with all of them), so start from the packaged rules rather than from nothing.
         self.ruleset = rules_mod.load_default()
@@ -177,22 +180,37 @@ class IlinkFixProxy:
         except exceptions.OptionsError as e:
             log.error(str(e))  # mitmproxy's errorcheck stops a proxy that logged an error at startup
         self._housekeeping = asyncio.ensure_future(self._housekeep())
+        # after mitmproxy installed its own handler (in Master.run), which this one wraps
+        self._exhaustion = overload.install(asyncio.get_running_loop())
 
     async def _housekeep(self) -> None:
         """Every few seconds: reload an edited rules file, expire old deferred sends, serve
         `outbox flush` requests."""
+        failing: dict[str, str] = {}  # step -> the error it last logged
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
-            self._reload_rules_if_changed()
-            if self.tracker is None:
-                continue
-            try:
-                self.tracker.write_back()  # (normally done by then: see response and error)
-                self.tracker.outbox.expire(time.time())
-                self.tracker.flush_requested()
-            except Exception as e:  # keep going: one bad round must not end housekeeping
-                log.warning(f"ilink-fixproxy housekeeping: {type(e).__name__}: {e}")
-                self.health.failed(component_of(e), e)
+            for name, step in (
+                ("rules reload", self._reload_rules_if_changed),
+                ("peer state", self._tend_state),
+            ):
+                # Each step on its own, and nothing escapes: an exception ending this task would
+                # silently stop reloads, outbox expiry, flush requests and the write-back fallback.
+                try:
+                    step()
+                except Exception as e:
+                    what = f"{type(e).__name__}: {e}"
+                    if failing.get(name) != what:  # once, not every round while it lasts
+                        log.warning(f"ilink-fixproxy housekeeping ({name}): {what}")
+                    failing[name] = what
+                    self.health.failed(component_of(e), e)
+                else:
+                    failing.pop(name, None)
+
+    def _tend_state(self) -> None:
+        if self.tracker is not None:
+            self.tracker.write_back()  # (normally done by then: see response and error)
+            self.tracker.outbox.expire(time.time())
+            self.tracker.flush_requested()
 
     def _rules_file_mtime(self) -> int | None:
         path = ctx.options.ilink_rules
@@ -257,6 +275,8 @@ class IlinkFixProxy:
     def done(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self._exhaustion is not None:
+            self._exhaustion.cancel()
         self._close_state()
 
     def _sync_stream_large_bodies(self) -> None:

@@ -37,7 +37,6 @@ from .logfmt import LOG_FORMATS, configure_logging
 from .matching import AnswerSummary, parse_json_object
 from .redact import (
     id_value,
-    redact_header,
     redact_headers,
     redact_json,
     redact_text,
@@ -308,8 +307,8 @@ def redacted_flow(flow: http.HTTPFlow, facts: dict[str, Any], *, bodies: bool, i
 def _redact_message(message: http.Message, *, bodies: bool, ids: bool) -> None:
     message.headers = http.Headers(
         [
-            (k.encode("utf-8", "surrogateescape"), redact_header(k, v).encode("utf-8", "surrogateescape"))
-            for k, v in message.headers.items(multi=True)
+            (k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+            for k, v in redact_headers(message.headers.items(multi=True))
         ]
     )
     if not message.raw_content:

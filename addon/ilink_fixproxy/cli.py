@@ -391,6 +391,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     rules_path = resolve_rules_path(args.rules)
     ruleset = load_rules(rules_path)
     confdir = Path(os.path.expanduser(args.confdir))
+    make_private_dir(confdir)
     bundle = None
     if args.upstream_ca:
         bundle = write_upstream_bundle(Path(args.upstream_ca), confdir)
@@ -432,16 +433,36 @@ def write_upstream_bundle(ca: Path, confdir: Path) -> Path:
         raise UsageError(f"--upstream-ca {ca}: not a readable PEM certificate ({e})") from None
     if "BEGIN CERTIFICATE" not in extra:
         raise UsageError(f"--upstream-ca {ca}: no PEM certificate in it")
+    make_private_dir(confdir)
     bundle = confdir / UPSTREAM_BUNDLE_NAME
+    text = Path(certifi.where()).read_text("ascii") + "\n" + extra
     try:
-        confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        bundle.write_text(Path(certifi.where()).read_text("ascii") + "\n" + extra, "ascii")
-    except OSError as e:  # the confdir is a file, or not writable
-        reason = "not a directory" if confdir.exists() and not confdir.is_dir() else e.strerror or e
+        # owner-only whatever the umask: a CA bundle others can write lets them intercept iLink
+        fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            os.fchmod(fd, 0o600)
+            fh.write(text)
+    except OSError as e:  # the confdir is not writable
         raise UsageError(
-            f"--confdir {confdir}: cannot write {UPSTREAM_BUNDLE_NAME} there ({reason})"
+            f"--confdir {confdir}: cannot write {UPSTREAM_BUNDLE_NAME} there ({e.strerror or e})"
         ) from None
     return bundle
+
+
+def make_private_dir(path: Path) -> None:
+    """Create the confdir owner-only (0700) whatever the umask: left to mitmproxy, its makedirs
+    made it 0777 under umask 000, with the CA's private key inside. An existing directory is left
+    as the operator made it."""
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UsageError(f"--confdir {path}: not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as e:  # e.g. under a file: "Not a directory"
+        raise UsageError(f"--confdir {path}: cannot create it ({e.strerror or e})") from None
 
 
 def check_port_free(
@@ -838,6 +859,10 @@ def run_proxy(args: argparse.Namespace) -> int:
     # start-up would wait for its timeout and SIGKILL: handle SIGTERM from the start. serve()
     # replaces this with the graceful stop once the event loop runs.
     signal.signal(signal.SIGTERM, _stop_before_serving)
+    # Whatever the umask the proxy is started with (000 in some containers and service managers),
+    # what it creates (confdir, mitmproxy's CA key, certificate and dhparam files, state, captures)
+    # is owner-only: nothing it writes is for other users.
+    os.umask(os.umask(0o077) | 0o077)
     s = settings_from_args(args)
     check_listen(s)
     check_ui_port_free(s)
@@ -858,6 +883,7 @@ def cmd_check(path_arg: str | None) -> int:
 
 def cmd_ca(confdir_arg: str | None, passphrase: str | None = None) -> int:
     confdir = Path(os.path.expanduser(confdir_arg or DEFAULT_CONFDIR))
+    make_private_dir(confdir)
     load_ca(confdir, passphrase)
     cert = confdir / CA_CERT_NAME
     print(

@@ -88,7 +88,14 @@ def _body(part: dict[str, Any] | None) -> bytes:
 def _flow(method: str, url: str, req_headers: list[Any], req_body: bytes, ts: float) -> http.HTTPFlow:
     client = connection.Client(peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0), timestamp_start=ts)
     flow = http.HTTPFlow(client, connection.Server(address=None))
-    flow.request = http.Request.make(method, url, req_body, _headers(req_headers))
+    try:
+        flow.request = http.Request.make(method, url, req_body, _headers(req_headers))
+    except ValueError:
+        # A request mitmproxy itself refused (e.g. both Transfer-Encoding and Content-Length) is
+        # journaled with what it had, such as "://x:443/ilink/bot/sendmessage": no scheme or host
+        # to parse. The rules only need the method and the path.
+        flow.request = http.Request.make(method, "http://unknown/", req_body, _headers(req_headers))
+        flow.request.path = "/" + url.split("://", 1)[-1].partition("/")[2]
     flow.request.timestamp_start = flow.request.timestamp_end = ts
     return flow
 

@@ -107,17 +107,19 @@ def _members(text: str, open_idx: int) -> list[_Member]:
 
 
 def _object_at(text: str, keys: Path) -> int | None:
-    """Index of the ``{`` of the object reached through ``keys`` (last occurrence of each key,
-    as json.loads sees it); ``None`` if a key is missing or does not hold an object."""
+    """Index of the ``{`` of the object reached through ``keys``; ``None`` if a key is missing,
+    does not hold an object, or occurs twice in its object.
+
+    Why refuse duplicates: json.loads (and so every decision here) sees the last one, but a
+    server may read the first. Editing only the last ``msg`` of ``{"msg":{..token A..},
+    "msg":{..}}`` sent a "tokenless" re-issue that still carried token A; an ambiguous body is
+    not edited at all."""
     open_idx = _skip_ws(text, 0)
     for key in keys:
-        last = None
-        for member in _members(text, open_idx):
-            if member.key == key:
-                last = member
-        if last is None or text[last.value_start] != "{":
+        found = [m for m in _members(text, open_idx) if m.key == key]
+        if len(found) != 1 or text[found[0].value_start] != "{":
             return None
-        open_idx = last.value_start
+        open_idx = found[0].value_start
     return open_idx
 
 
@@ -190,7 +192,7 @@ def remove_member(body: bytes, path: Path) -> bytes | None:
 
 
 def replace_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
-    """``body`` with the value at ``path`` (last occurrence) replaced by compact JSON.
+    """``body`` with the value at ``path`` replaced by compact JSON.
 
     The new value is ``json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))``
     (ASCII-escaped only if it holds lone surrogates, which UTF-8 cannot carry). ``None`` on the
@@ -200,12 +202,10 @@ def replace_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
     if prepared is None:
         return None
     text, members = prepared
-    last = None
-    for member in members:
-        if member.key == path[-1]:
-            last = member
-    if last is None:
+    found = [m for m in members if m.key == path[-1]]
+    if len(found) != 1:  # a duplicate key: replacing one would leave the other (see _object_at)
         return None
+    last = found[0]
     new_text = json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))
     try:
         new_bytes = new_text.encode("utf-8")
@@ -232,8 +232,8 @@ def set_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     present, parent = get_path(doc, path[:-1])
-    if not isinstance(doc, dict) or not present or not isinstance(parent, dict):
-        return None
+    if not isinstance(doc, dict) or not present or not isinstance(parent, dict) or path[-1] in parent:
+        return None  # (the key is there but could not be replaced: duplicated, see _object_at)
     try:
         open_idx = _object_at(text, path[:-1])
         if open_idx is None:

@@ -47,17 +47,32 @@ DECISIONS = frozenset(
     }
 )
 _DECISION_RE = re.compile(r"^([a-z][a-z-]+): ")
+# Control characters (C0 but tab, DEL, C1) and Unicode line/paragraph separators: a value from
+# the wire (a client_id, a path, an error message) carrying "\n[12:00:00.000] repaired: ..." or
+# ANSI escapes would otherwise forge or hide lines in a text log. JSON escapes them by itself.
+_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line: each control character as a visible escape (\\n, \\x1b, \\u2028)."""
+    return _CONTROL_RE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 _ORIGINAL = "_ilink_fixproxy_original_formatter"
 
 
 class RedactingFormatter(logging.Formatter):
-    """Wraps mitmproxy's text formatter; scrubs each formatted line."""
+    """Wraps mitmproxy's text formatter; one line per message (a traceback keeps its lines),
+    scrubbed."""
 
     def __init__(self, inner: logging.Formatter) -> None:
         super().__init__()
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if (safe := escape_controls(msg)) != msg:
+            record = logging.makeLogRecord({**record.__dict__, "msg": safe, "args": None})
         return redact_text(self.inner.format(record))
 
 

@@ -66,8 +66,12 @@ FRESH_CACHE_SIZE = 100_000
 # The first attempt is not bounded by the rule's deadline (that is for re-issues: a slow but
 # successful answer must still reach the caller), only by this, so nothing hangs forever.
 FIRST_ATTEMPT_TIMEOUT_S = 60.0
-# Nor by the buffer limit: it stands in for mitmproxy's forwarding, which has no such cap.
-FIRST_ATTEMPT_MAX_BYTES = 64 * 1024 * 1024
+# Nor by the buffer limit (a 2 MB answer iLink gave must still reach the caller: it may have
+# delivered), but by this: the answer is held in memory whole, and a sendmessage answer is a few
+# dozen bytes (`{"ret":0}`). 64 MiB let four concurrent 1 GB answers from a broken upstream take
+# the proxy from 84 to 342 MB RSS; past 4 MiB the gateway gets a 502 saying so (the send did go
+# upstream: it counts as an attempt).
+FIRST_ATTEMPT_MAX_BYTES = 4 * 1024 * 1024
 # Messages the store could not take (a full disk, a locked file), kept in memory so a retry is
 # still answered from them; the newest this many.
 UNSTORED_MAX = 100_000

@@ -124,17 +124,40 @@ def _item_outline(item: Any) -> Any:
     return {k: (v if k == "type" and isinstance(v, int) else OMITTED) for k, v in item.items()}
 
 
+# A header name as RFC 9110 allows it (a "token"). mitmproxy accepts more: "Authorization Bearer:
+# x" has the name "Authorization Bearer", and a line without a colon that starts with a space is
+# folded into the previous header's value (obs-fold), so "X-A: b\r\n Authorization Bearer <token>"
+# puts the token inside X-A's value. Both carried bot tokens in clear into captures.
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Names that suggest a credential, beyond SECRET_HEADERS: their values are hashed whatever their
+# shape. AuthorizationType ("ilink_bot_token") names the scheme, not a secret.
+_CREDENTIAL_NAME_RE = re.compile(r"(?i)auth|token|secret|passw|cookie|session|credential|signature|api-?key")
+_NOT_SECRET_HEADERS = frozenset({"authorizationtype"})
+
+
 def redact_header(name: str, value: str) -> str:
-    if name.lower() not in SECRET_HEADERS:
-        return value
-    scheme, sep, rest = value.partition(" ")
-    if sep and scheme.lower() in ("bearer", "basic", "token"):
-        return f"{scheme} {redact_value(rest.strip())}"
-    return str(redact_value(value))
+    return redact_field(name, value)[1]
+
+
+def redact_field(name: str, value: str) -> tuple[str, str]:
+    """A header (name, value) as it may be stored: credentials hashed, and a malformed line (odd
+    name, folded value) hashed whole, since what it carries cannot be told."""
+    if not _HEADER_NAME_RE.match(name):
+        return redact_text(name), str(redact_value(value))
+    if "\n" in value or "\r" in value:
+        return name, str(redact_value(value))
+    low = name.lower()
+    if low in SECRET_HEADERS or (_CREDENTIAL_NAME_RE.search(low) and low not in _NOT_SECRET_HEADERS):
+        scheme, sep, rest = value.partition(" ")
+        if sep and scheme.lower() in _SCHEMES:
+            return name, f"{scheme} {redact_value(rest.strip())}"
+        return name, str(redact_value(value))
+    # any other header: a credential scheme in it is still a credential
+    return name, _BEARER_RE.sub(lambda m: f"{m.group(1)} {redact_value(m.group(2))}", value)
 
 
 def redact_headers(fields: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(k, redact_header(k, v)) for k, v in fields]
+    return [redact_field(k, v) for k, v in fields]
 
 
 def redact_url(url: str) -> str:

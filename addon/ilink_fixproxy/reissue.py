@@ -315,6 +315,12 @@ class Reissuer:
         headers = [
             (k, v) for k, v in request.headers.fields if k.decode("latin-1").lower() not in _HOP_BY_HOP
         ]
+        for k, v in headers:
+            if b"\n" in v or b"\r" in v or b"\0" in v:
+                # mitmproxy keeps a folded header line (obs-fold) inside the value; h11 refuses to
+                # send it (LocalProtocolError, which would read as "maybe sent"). Nothing has gone
+                # out: mitmproxy's own forwarding, which writes it as it came, can take the send.
+                raise ReissueError(f"header {k.decode('latin-1')} holds a line break (obs-fold)", sent=False)
         url = _parsed_url(request.url)
         lanes: Lanes[Any]
         if via is None:

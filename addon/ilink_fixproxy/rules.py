@@ -26,6 +26,17 @@ DEFAULT_UPDATES_FILTER = "~m POST & ~u /ilink/bot/getupdates"
 SUPPORTED_VERSION = 1
 MAX_RETRIES = 3
 MAX_DEADLINE_S = 60.0
+# mitmproxy's filter parser (pyparsing's infixNotation, no memoization) takes time exponential in
+# nesting: measured 0.05 s for `(((~m POST)))`, 5 s for six parentheses, 80 s for eight, and as
+# much for sixteen `!`, all while the proxy's event loop stands still (rules are reloaded on it).
+# A filter is refused before parsing when its estimated cost passes this budget (see
+# _filter_cost: about 0.2 s of parsing at the budget; real filters cost 2-10).
+MAX_FILTER_COST = 512
+# Deepest nesting of YAML collections a rules file may use. The grammar needs 6; PyYAML composes
+# (and mitmproxy's filter parser parses) recursively, so thousands of levels would end in a
+# RecursionError far from any line number. Checked on the event stream, which PyYAML produces
+# without recursion, so the error can name the line.
+MAX_NESTING = 32
 
 # A hostname, or a "*." wildcard over a suffix. Deliberately strict: these become regexes for
 # mitmproxy's allow_hosts, and a typo there would silently stop interception.
@@ -198,7 +209,15 @@ def load_default() -> RuleSet:
 
 def parse(text: str, source: str = "rules.yaml") -> RuleSet:
     """Parse rules YAML text. Raises RulesError naming source:line:column and the fix."""
-    return _Parser(source).ruleset(text)
+    try:
+        return _Parser(source).ruleset(text)
+    except RulesError:
+        raise
+    except (RecursionError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        # A safety net: every known way for a file to break the parser is caught above with its
+        # line; whatever is left must still be the one-line rules error callers handle (a reload
+        # in the proxy keeps the last good rules, `check` exits 1), never a crash.
+        raise RulesError(f"{source}: cannot be read as rules: {type(e).__name__}: {e}") from None
 
 
 def host_patterns(hosts: Iterable[str]) -> list[str]:
@@ -228,8 +247,15 @@ class _Parser:
         mark = node.start_mark
         return RulesError(f"{self.source}:{mark.line + 1}:{mark.column + 1}: {where}: {what}")
 
-    def _scalar(self, node: yaml.Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
+    def _scalar(self, node: yaml.Node, where: str) -> Any:
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except ValueError as e:
+            # e.g. an integer of thousands of digits: Python refuses to convert it (int max str
+            # digits); PyYAML lets that ValueError through without a mark
+            raise self._fail(node, where, f"cannot read this value: {e}") from None
+        except yaml.YAMLError as e:
+            raise self._fail(node, where, f"cannot read this value: {e}") from None
 
     def _mapping(
         self, node: yaml.Node, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
@@ -238,7 +264,7 @@ class _Parser:
             raise self._fail(node, where, f"expected a mapping with keys {', '.join(allowed)}")
         out: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
-            key = self._scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            key = self._scalar(key_node, where) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
                 raise self._fail(key_node, where, "keys must be plain strings")
             if key not in allowed:
@@ -259,13 +285,13 @@ class _Parser:
         return list(node.value)
 
     def _string(self, node: yaml.Node, where: str) -> str:
-        value = self._scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        value = self._scalar(node, where) if isinstance(node, yaml.ScalarNode) else None
         if not isinstance(value, str) or not value.strip():
             raise self._fail(node, where, "expected a non-empty string")
         return value
 
     def _int(self, node: yaml.Node, where: str, lo: int, hi: int) -> int:
-        value = self._scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        value = self._scalar(node, where) if isinstance(node, yaml.ScalarNode) else None
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise self._fail(node, where, f"expected a whole number from {lo} to {hi}")
         return value
@@ -283,6 +309,7 @@ class _Parser:
 
     def ruleset(self, text: str) -> RuleSet:
         try:
+            self._check_nesting(text)
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark
@@ -310,15 +337,37 @@ class _Parser:
             updates = self._updates(top.get("updates"))
         return RuleSet(source=self.source, hosts=hosts, rules=rules, updates=updates)
 
+    def _check_nesting(self, text: str) -> None:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_NESTING:
+                    mark = event.start_mark
+                    raise RulesError(
+                        f"{self.source}:{mark.line + 1}:{mark.column + 1}: nested more than "
+                        f"{MAX_NESTING} levels deep (a rules file needs at most 6)"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+
     def _filter(self, node: yaml.Node, where: str) -> tuple[str, Callable[[Any], bool]]:
         expr = self._string(node, where)
-        try:
-            return expr, flowfilter.parse(expr)
-        except ValueError:
+        if _filter_cost(expr) > MAX_FILTER_COST:
             raise self._fail(
                 node,
                 where,
-                f'{expr!r} is not a valid mitmproxy flow filter (e.g. "~m POST & ~u /ilink/bot/sendmessage")',
+                "too many nested parentheses and '!' for mitmproxy's filter parser (its time grows "
+                'exponentially with nesting); write it flatter, e.g. "~m POST & ~u /ilink/bot/sendmessage"',
+            )
+        try:
+            return expr, flowfilter.parse(expr)
+        except (ValueError, RecursionError):  # RecursionError: thousands of nested parentheses
+            raise self._fail(
+                node,
+                where,
+                f"{_clip(expr)!r} is not a valid mitmproxy flow filter "
+                '(e.g. "~m POST & ~u /ilink/bot/sendmessage")',
             ) from None
 
     def _updates(self, node: yaml.Node | None) -> Updates:
@@ -329,13 +378,13 @@ class _Parser:
         return Updates(expr, flt)
 
     def _bool(self, node: yaml.Node, where: str) -> bool:
-        value = self._scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        value = self._scalar(node, where) if isinstance(node, yaml.ScalarNode) else None
         if not isinstance(value, bool):
             raise self._fail(node, where, "expected true or false")
         return value
 
     def _seconds(self, node: yaml.Node, where: str, hi: float) -> float:
-        value = self._scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        value = self._scalar(node, where) if isinstance(node, yaml.ScalarNode) else None
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= hi:
             raise self._fail(node, where, f"expected seconds, more than 0 and at most {hi:g}")
         return float(value)
@@ -366,7 +415,7 @@ class _Parser:
         )
 
     def _peer_state(self, node: yaml.Node, where: str) -> PeerState:
-        if isinstance(node, yaml.ScalarNode) and self._scalar(node) is None:
+        if isinstance(node, yaml.ScalarNode) and self._scalar(node, where) is None:
             return PeerState()  # `peer_state:` with nothing after it: all defaults
         keys = (
             "defer_answer",
@@ -540,7 +589,7 @@ class _Parser:
                 raise self._fail(m["regex"], f"{where}.regex", f"invalid regular expression: {e}") from None
         if not isinstance(node, yaml.ScalarNode):
             raise self._fail(node, where, expected)
-        value = self._scalar(node)
+        value = self._scalar(node, where)
         if value is None:
             return Missing()
         if isinstance(value, str | int | float | bool):
@@ -553,7 +602,11 @@ class _Parser:
         retries = self._int(m["retries"], f"{where}.retries", 0, MAX_RETRIES) if "retries" in m else 1
         deadline = 10.0
         if "deadline_s" in m:
-            value = self._scalar(m["deadline_s"]) if isinstance(m["deadline_s"], yaml.ScalarNode) else None
+            value = (
+                self._scalar(m["deadline_s"], f"{where}.deadline_s")
+                if isinstance(m["deadline_s"], yaml.ScalarNode)
+                else None
+            )
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
@@ -566,6 +619,51 @@ class _Parser:
                 )
             deadline = float(value)
         return Action(remove=remove, retries=retries, deadline_s=deadline)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A value quoted back in an error message, cut short: the message must stay one line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _filter_cost(expr: str) -> int:
+    """Roughly how long mitmproxy takes to parse a filter, in units of one top-level word: each
+    enclosing parenthesis multiplies a word's cost by 4, each `!` by 2 (measured ratios, rounded
+    down). Scans the way mitmproxy's grammar tokenizes: quoted strings and bare words are atoms."""
+    total, weight, pending = 0, 1, 0
+    opened: list[int] = []
+    i, n = 0, len(expr)
+    while i < n:
+        c = expr[i]
+        if c.isspace() or c in "&|":
+            i += 1
+        elif c == "!":
+            pending += 1
+            i += 1
+        elif c == "(":
+            opened.append(4 * 2 ** min(pending, 32))
+            weight *= opened[-1]
+            pending = 0
+            i += 1
+        elif c == ")":
+            weight //= opened.pop() if opened else 1
+            pending = 0
+            i += 1
+        else:
+            total += weight * 2 ** min(pending, 32)
+            if total > MAX_FILTER_COST:
+                return total
+            pending = 0
+            if c in "\"'":
+                i += 1
+                while i < n and expr[i] != c:
+                    i += 2 if expr[i] == "\\" else 1
+                i += 1
+            else:
+                i += 1
+                while i < n and not expr[i].isspace() and expr[i] not in "()~'\"":
+                    i += 1
+    return total
 
 
 # --------------------------------------------------------------------------- describing

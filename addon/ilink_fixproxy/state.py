@@ -141,14 +141,31 @@ class StateStore:
         self._lock_fd: int | None = None
         self._writes = 0
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        db_path = path
         if path != MEMORY:
-            p = Path(path)
             try:
+                # The file's identity, not the name given: through a symlink, a second proxy would
+                # otherwise take a lock of its own name next to the link and both would deliver.
+                p = Path(path).resolve()
+                db_path = str(p)
                 p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 if lock:
-                    self._take_lock(p)
+                    self._take_lock(p, path)
                 fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
-                os.close(fd)
+                try:
+                    links = os.fstat(fd).st_nlink
+                finally:
+                    os.close(fd)
+                if links > 1:
+                    # A hard link is another name for the same file that no path check can see:
+                    # the lock (named after the path) would not hold, and SQLite names its -wal
+                    # file after the path, so two names corrupt it (sqlite.org/howtocorrupt.html).
+                    self.close()
+                    raise StateError(
+                        f"state file {path} has {links} names (hard links): the one-proxy lock and "
+                        "SQLite's write-ahead log both need exactly one; remove the other links "
+                        "(or copy the file)"
+                    )
                 os.chmod(p, 0o600)
                 st = os.stat(p)
                 self._identity = (st.st_dev, st.st_ino)
@@ -156,7 +173,7 @@ class StateStore:
                 self.close()
                 raise StateError(f"cannot open state file {path}: {e.strerror or e}") from None
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
             if path != MEMORY:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
@@ -206,7 +223,7 @@ class StateStore:
         if "state" not in columns:
             self.db.execute("ALTER TABLE messages ADD COLUMN state TEXT")
 
-    def _take_lock(self, p: Path) -> None:
+    def _take_lock(self, p: Path, shown: str) -> None:
         lock_path = p.with_name(p.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -215,7 +232,7 @@ class StateStore:
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
             os.close(fd)
             raise StateError(
-                f"state file {p} is in use by another ilink-fixproxy (pid {holder}); "
+                f"state file {shown} is in use by another ilink-fixproxy (pid {holder}); "
                 "stop it or give this one its own --state path"
             ) from None
         os.ftruncate(fd, 0)
