@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, SEND, Gateway, sends_to, start_proxy, upstream_args
+from conftest import ROOT, SEND, Gateway, core_rules, sends_to, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 
@@ -253,3 +253,40 @@ def test_a_deferred_body_that_cannot_be_edited_never_stores_its_token(
         assert r.status_code == 200
     stored = b"".join(f.read_bytes() for f in tmp_path.glob("state.sqlite3*") if f.is_file())
     assert b"secret-bom-token" not in stored
+
+
+# ---------------------------------------------------------------- the rule without peer_state
+
+
+@pytest.fixture(scope="module")
+def plain_proxy(
+    fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """The shipped rules without peer_state (mitmproxy forwards the first attempt, the addon
+    re-issues), allowed up to 3 re-issues."""
+    conf = tmp_path_factory.mktemp("plain")
+    doc = yaml.safe_load(core_rules(conf).read_text())
+    doc["rules"][0]["action"]["retries"] = 3
+    rules = conf / "retries-3.yaml"
+    rules.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with start_proxy(*upstream_args(fake_server, pki, conf), "--rules", str(rules)) as p:
+        yield p
+
+
+def test_without_peer_state_a_reissue_whose_answer_is_lost_is_not_reissued_again(
+    plain_proxy: ProxyProcess, fake: FakeILink
+):
+    # Refused for a stale token; the tokenless re-issue is delivered, then its connection resets.
+    # It may have been delivered, so it is an attempt like any other: retries: 3 must not send it
+    # again (it did, and iLink delivered the message twice).
+    gw = Gateway(plain_proxy)
+    fake.script(SEND, Answer(body=STALE_ANSWER), Answer(fault="reset", deliver=True))
+    r = gw.send("a-stale-token", client_id="plain-lost")
+    gw.client.close()
+    assert len(deliveries_to(fake, gw)) == 1
+    assert len(sends_to(fake, gw)) == 2
+    # the gateway keeps iLink's first answer, marked as such
+    assert r.content == STALE_ANSWER
+    assert r.headers.get("x-ilink-fixproxy") is None
+    assert wait_for(lambda: "re-issue without msg.context_token failed" in plain_proxy.output)
+    assert "original answer kept" in plain_proxy.output

@@ -16,6 +16,7 @@ import ssl
 import time
 import traceback
 import weakref
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,14 @@ from mitmproxy.utils import human
 from . import overload, trailers
 from . import rules as rules_mod
 from . import state as state_mod
+from .core import policy
+from .core.model import Decision
 from .health import REPAIRS, STATE, Health, component_of
-from .jsonedit import get_path, remove_member
+from .jsonedit import get_path
 from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object, request_line_only
-from .peers import PeerTracker, attempt_record
+from .peers import PeerTracker, attempt_record, drive
 from .redact import known_values, redact_known, token_hash
-from .reissue import ReissueError, Reissuer, UpstreamTrust
+from .reissue import Reissuer, UpstreamTrust
 from .rules import Rule, RuleSet
 
 log = logging.getLogger("ilink_fixproxy")
@@ -466,98 +469,73 @@ class IlinkFixProxy:
         return (rule, request_doc) if rule and request_doc is not None else None
 
     async def _repair(self, flow: http.HTTPFlow, rule: Rule, request_doc: dict[str, Any]) -> None:
+        """mitmproxy forwarded the first attempt and iLink refused it: re-issue it as the core
+        says (without the rule's field, while it is refused, up to `retries` times, never after an
+        attempt whose fate is unknown) and hand back the last answer the core finds usable."""
         action = rule.action
         original = flow.response
         assert original is not None
-        first = AnswerSummary.of(original.status_code, original.get_content(strict=False))
-        _, token = get_path(request_doc, action.remove)
+        content = original.get_content(strict=True)  # (decodable: see _selected)
+        first = AnswerSummary.of(original.status_code, content)
+        present, token = get_path(request_doc, action.remove)
         upstream_s = (original.timestamp_end or time.time()) - (
             flow.request.timestamp_end or flow.request.timestamp_start
         )
-        trace = [
-            attempt_record(
-                original.status_code, original.get_content(strict=False), upstream_s * 1000, "original"
-            )
-        ]
+        trace = [attempt_record(original.status_code, content, upstream_s * 1000, "original")]
         flow.metadata["ilink_fixproxy"] = {"token": token_hash(token), "attempts": trace}
         field = ".".join(action.remove)
         what = f"{_endpoint(flow)} with {field} {token_hash(token)}: iLink answered {first.short()}"
-        body = remove_member(flow.request.raw_content or b"", action.remove)
-        if body is None or action.retries == 0:
-            self._annotate(flow, rule, "matched", f"{what}; not re-issued (retries: 0)", None)
+        x = policy.Exchange.forwarded(
+            rule,
+            policy.gateway_token(present, token),
+            flow.request.raw_content or b"",
+            flow.request.timestamp_start + action.deadline_s,
+            original.status_code,
+            (),
+            content,
+            parse_json_object(content),
+        )
+
+        def reissue(step: policy.Step) -> Awaitable[http.Response]:
+            assert step.timeout is not None  # (a re-issue always has the rest of the deadline)
+            return self.reissuer.send(flow.request, step.body, flow.server_conn.via, step.timeout)
+
+        started = time.monotonic()
+        answers = await drive(x, x.next(time.time()), reissue, trace, time.time)
+        ms = round((time.monotonic() - started) * 1000)
+        decision = x.conclude(time.time()).decision
+
+        if decision is Decision.MATCHED:
+            why = "retries: 0" if action.retries == 0 else "its body cannot be edited without it"
+            self._annotate(flow, rule, decision, f"{what}; not re-issued ({why})", None)
             log.info(f"{what}; rule {rule.name!r} matched, not re-issued")
             return
-
-        deadline = flow.request.timestamp_start + action.deadline_s
-        started = time.monotonic()
-        answer: http.Response | None = None
-        answer_doc: dict[str, Any] | None = None
-        errors: list[str] = []
-        reissues = 0
-        while reissues < action.retries:
-            reissues += 1
-            sent_at = time.monotonic()
-            try:
-                candidate = await self.reissuer.send(
-                    flow.request, body, flow.server_conn.via, deadline - time.time()
-                )
-                candidate_body = _readable(candidate)
-            except ReissueError as e:
-                errors.append(str(e))
-                trace.append(attempt_record(None, None, (time.monotonic() - sent_at) * 1000, "none", str(e)))
-                if deadline - time.time() <= 0:
-                    break
-                continue
-            trace.append(
-                attempt_record(
-                    candidate.status_code, candidate_body, (time.monotonic() - sent_at) * 1000, "none"
-                )
-            )
-            answer, answer_doc = candidate, parse_json_object(candidate_body)
-            if not first_rule([rule], request_doc, candidate.status_code, answer_doc):
-                break
-        ms = round((time.monotonic() - started) * 1000)
-
-        if answer is None:
-            note = f"{what}; re-issue without {field} failed ({'; '.join(errors)}), original answer kept"
-            self._annotate(flow, rule, "reissue-failed", note, None)
+        if decision is Decision.REISSUE_FAILED:
+            note = f"{what}; re-issue without {field} failed ({'; '.join(x.errors)}), original answer kept"
+            self._annotate(flow, rule, decision, note, None)
             log.warning(f"{note} [{ms} ms]")
             return
 
-        now = AnswerSummary.of(answer.status_code, answer.get_content(strict=False))
-        still_failing = first_rule([rule], request_doc, answer.status_code, answer_doc) is not None
-        decision = "still-failing" if still_failing else "repaired"
+        answer, answer_body = answers[-1]
+        now = AnswerSummary.of(answer.status_code, answer_body)
         answer.headers[HEADER] = (
             f"{decision}; rule={rule.name}; removed={field}; first={first.short()}; "
-            f"reissues={reissues}; now={now.short()}"
+            f"reissues={x.reissues}; now={now.short()}"
         )
         flow.response = answer
-        note = f"{what}; re-issued without {field} ({reissues}x, {ms} ms): {now.short()}"
+        note = f"{what}; re-issued without {field} ({x.reissues}x, {ms} ms): {now.short()}"
         self._annotate(flow, rule, decision, note, now)
         log.info(f"{decision}: {note}")
 
     @staticmethod
     def _annotate(
-        flow: http.HTTPFlow, rule: Rule, decision: str, note: str, now: AnswerSummary | None
+        flow: http.HTTPFlow, rule: Rule, decision: Decision, note: str, now: AnswerSummary | None
     ) -> None:
         flow.comment = f"ilink-fixproxy {decision} (rule {rule.name}): {note}"
         flow.marked = MARK_REPAIRED if decision == "repaired" else MARK_STILL_FAILING
         flow.metadata.setdefault("ilink_fixproxy", {}).update(
             {"decision": decision, "rule": rule.name, "answer": now.short() if now else None}
         )
-
-
-def _readable(response: http.Response) -> bytes:
-    """The re-issue's body if it is an answer we can hand back: 200 with empty or JSON-object body."""
-    try:
-        body = response.get_content(strict=True) or b""
-    except ValueError:
-        raise ReissueError("answer body could not be decoded") from None
-    if response.status_code != 200:
-        raise ReissueError(f"answer was HTTP {response.status_code}")
-    if body and parse_json_object(body) is None:
-        raise ReissueError("answer was not a JSON object")
-    return body
 
 
 def _internal_error(e: BaseException, flow: http.HTTPFlow, request_doc: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,7 +269,7 @@ class PeerTracker:
         peer = _text(get_path(doc, ps.peer)[1])
         client_id = _text(get_path(doc, ps.client_id)[1])
         key = (bot, client_id) if client_id else None
-        token = _token(*get_path(doc, rule.action.remove))
+        token = policy.gateway_token(*get_path(doc, rule.action.remove))
         flow.metadata.setdefault("ilink_fixproxy", {}).update(
             {
                 "bot": bot[:12],
@@ -477,43 +477,19 @@ class PeerTracker:
         rule = send.rule
         ps = rule.peer_state
         assert ps is not None
-        answers: list[tuple[http.Response, bytes]] = []  # the answers x.tried lists, as received
-        step: policy.Step | None = x.first()
-        while step is not None:
+
+        def attempt(step: policy.Step) -> Awaitable[http.Response]:
             self._begin_attempt(send, x)
-            started = time.monotonic()
-            try:
-                first = step.timeout is None
-                response = await self.reissuer.send(
-                    send.request,
-                    step.body,
-                    send.via,
-                    FIRST_ATTEMPT_TIMEOUT_S if first else step.timeout,  # type: ignore[arg-type]
-                    FIRST_ATTEMPT_MAX_BYTES if first else None,
-                )
-            except ReissueError as e:
-                send.trace.append(
-                    attempt_record(None, None, (time.monotonic() - started) * 1000, step.kind, str(e))
-                )
-                x.lost(e.sent, str(e))
-            else:
-                try:
-                    content: bytes | None = response.get_content(strict=True) or b""
-                except ValueError:
-                    content = None
-                send.trace.append(
-                    attempt_record(
-                        response.status_code, content or b"", (time.monotonic() - started) * 1000, step.kind
-                    )
-                )
-                doc = parse_json_object(content) if content is not None else None
-                fields = response.headers.items(multi=True)
-                headers = tuple((k, v) for k, v in fields if k.lower() not in _STORED_HEADER_SKIP)
-                tried = len(x.tried)
-                x.answered(response.status_code, headers, content, doc)
-                if len(x.tried) > tried:
-                    answers.append((response, content or b""))
-            step = x.next(self._now())
+            first = step.timeout is None
+            return self.reissuer.send(
+                send.request,
+                step.body,
+                send.via,
+                FIRST_ATTEMPT_TIMEOUT_S if first else step.timeout,  # type: ignore[arg-type]
+                FIRST_ATTEMPT_MAX_BYTES if first else None,
+            )
+
+        answers = await drive(x, x.first(), attempt, send.trace, self._now)
         now = self._now()
         c = x.conclude(now)
         trace = tuple(send.trace)
@@ -637,6 +613,49 @@ class PeerTracker:
         return Outcome(_local_response(refusal[0], refusal[1], note), Decision.DEFERRED)
 
 
+async def drive(
+    x: policy.Exchange,
+    step: policy.Step | None,
+    attempt: Callable[[policy.Step], Awaitable[http.Response]],
+    trace: list[dict[str, Any]],
+    clock: Callable[[], float],
+) -> list[tuple[http.Response, bytes]]:
+    """Make the attempts the core asks for, from `step` on, and tell it each outcome; returns
+    the answers `x.tried` lists, as received, with their decoded bodies. `attempt` does the I/O
+    (the engine's upstream, or explain's capture) and raises ReissueError when no answer came;
+    each attempt is added to `trace` (see attempt_record). Every decision is the core's: whether
+    there is another attempt, with which token, and whether an answer may be handed back."""
+    answers: list[tuple[http.Response, bytes]] = []
+    while step is not None:
+        pending = attempt(step)  # (what it does before it sends is not the attempt's time)
+        started = time.monotonic()
+        try:
+            response = await pending
+        except ReissueError as e:
+            trace.append(attempt_record(None, None, (time.monotonic() - started) * 1000, step.kind, str(e)))
+            x.lost(e.sent, str(e))
+        else:
+            try:
+                content: bytes | None = response.get_content(strict=True) or b""
+            except ValueError:
+                content = None
+            ms = (time.monotonic() - started) * 1000
+            trace.append(attempt_record(response.status_code, content or b"", ms, step.kind))
+            doc = parse_json_object(content) if content is not None else None
+            tried = len(x.tried)
+            x.answered(response.status_code, stored_headers(response), content, doc)
+            if len(x.tried) > tried:
+                answers.append((response, content or b""))
+        step = x.next(clock())
+    return answers
+
+
+def stored_headers(response: http.Response) -> tuple[tuple[str, str], ...]:
+    """The answer's headers as kept with a message (framing and our own header left out)."""
+    fields = response.headers.items(multi=True)
+    return tuple((k, v) for k, v in fields if k.lower() not in _STORED_HEADER_SKIP)
+
+
 def _failed_response(rule: Rule, error: str) -> http.Response:
     note = f"upstream-failed; rule={rule.name}; {error}"
     return _local_response(502, f"ilink-fixproxy: {error}".encode(), note, [("Content-Type", "text/plain")])
@@ -644,17 +663,6 @@ def _failed_response(rule: Rule, error: str) -> http.Response:
 
 def _list(headers: tuple[tuple[str, str], ...] | None) -> list[tuple[str, str]] | None:
     return list(headers) if headers is not None else None
-
-
-def _token(present: bool, value: Any) -> str | None:
-    """The gateway's context_token: a string, None when absent, null or "", and for any other
-    value (a number, an object, an array) its JSON text: a token that is there but invalid, to be
-    repaired like a stale one, never taken for "no token" (that would count as a rate limit)."""
-    if isinstance(value, str):
-        return value or None
-    if not present or value is None:
-        return None
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def attempt_record(
@@ -670,12 +678,6 @@ def attempt_record(
     if error:
         record["error"] = error
     return record
-
-
-def _describe_token(token: str | None, original: str | None) -> str:
-    if token is None:
-        return "none"
-    return "original" if token == original else "fresh"
 
 
 def describe_state(store: StateStore, *, show_ids: bool) -> str:

@@ -24,6 +24,7 @@ class Decision(StrEnum):
     UPSTREAM_FAILED = "upstream-failed"
     FALLBACK = "fallback"  # handed back to mitmproxy's own forwarding: nothing reached iLink
     MATCHED = "matched"  # refused for a stale token, and the body cannot be sent without it
+    STILL_FAILING = "still-failing"  # without peer_state: the re-issue was refused too
 
 
 class MessageState(StrEnum):

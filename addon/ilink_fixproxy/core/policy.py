@@ -8,6 +8,7 @@ functions keep are listed in docs/architecture.md ("One delivery per message").
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,17 @@ def after_rate_limit(
     return Decision.RATE_LIMITED, None
 
 
+def gateway_token(present: bool, value: Any) -> str | None:
+    """The gateway's context_token: a string, None when absent, null or "", and for any other
+    value (a number, an object, an array) its JSON text: a token that is there but invalid, to be
+    repaired like a stale one, never taken for "no token" (that would count as a rate limit)."""
+    if isinstance(value, str):
+        return value or None
+    if not present or value is None:
+        return None
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def token_kind(token: str | None, original: str | None) -> str:
     if token is None:
         return "none"
@@ -153,7 +165,12 @@ class Conclusion:
 @dataclass
 class Exchange:
     """One send's upstream exchange, as a state machine: `first()`, then `answered`/`lost` for
-    each attempt, `next(now)` for the re-issue (None: done), then `conclude(now)`."""
+    each attempt, `next(now)` for the re-issue (None: done), then `conclude(now)`.
+
+    The same machine serves both kinds of rule. With `peer_state` the engine makes every
+    attempt, reads a snapshot before and applies the effects after. Without it (`forwarded`)
+    mitmproxy made the first attempt and there is no store: an empty snapshot, no effects, and
+    each re-issue goes without the token (up to `retries` of them)."""
 
     rule: Rule
     snap: Snapshot
@@ -172,6 +189,28 @@ class Exchange:
     reissue_transient: bool = False
     uneditable: bool = False  # the tokenless body could not be built: no re-issue
     errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def forwarded(
+        cls,
+        rule: Rule,
+        token: str | None,
+        original: bytes,
+        deadline: float,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
+        content: bytes | None,
+        doc: dict[str, Any] | None,
+    ) -> Exchange:
+        """The rule without peer_state: mitmproxy forwarded the first attempt and got this answer."""
+        x = cls(rule, Snapshot(), 0, token, original, None, deadline)
+        x.made, x.tokens_sent = 1, [token]
+        x.answered(status, headers, content, doc)
+        return x
+
+    @property
+    def stateless(self) -> bool:
+        return self.rule.peer_state is None
 
     def first(self) -> Step:
         ps = _ps(self.rule)
@@ -194,7 +233,8 @@ class Exchange:
     def _step(self, token: str | None, body: bytes, timeout: float | None) -> Step:
         self.made += 1
         self.tokens_sent.append(token)
-        return Step(token, body, token_kind(token, self.token), timeout)
+        effects = () if self.stateless else (BeginAttempt(),)  # no store: nothing to begin
+        return Step(token, body, token_kind(token, self.token), timeout, effects)
 
     def answered(
         self,
@@ -205,16 +245,18 @@ class Exchange:
     ) -> None:
         verdict = classify(self.rule, status, content, doc)
         first = not self.tried and self.made == 1
-        usable = first or (content is not None and status == 200 and (not content or doc is not None))
-        if usable:
+        unusable = None if first else unusable_reissue_answer(status, content, doc)
+        if unusable is None:
             self.tried.append(Tried(self.tokens_sent[-1], verdict, status, headers, content or b"", doc))
         else:
             # A re-issue answered with something we cannot hand back (5xx, non-JSON, cut short):
-            # the caller keeps the earlier answer, and nothing is learnt from it.
+            # the caller keeps the earlier answer, and nothing is learnt from it. It reached
+            # iLink and nothing says it was not delivered: no further re-issue either.
             self.reissue_failed = self.reissue_transient = True
-            self.errors.append(f"answer was HTTP {status}")
+            self.errors.append(unusable)
 
     def lost(self, sent: bool, error: str) -> None:
+        """An attempt brought back no answer; `sent`: it may have reached iLink."""
         self.errors.append(error)
         if not self.tried:
             if not sent:
@@ -227,15 +269,19 @@ class Exchange:
 
     def next(self, now: float) -> Step | None:
         """The re-issue to make after the last answer, or None when the exchange is over."""
-        if (
-            self.fallback
-            or self.reissue_failed
-            or not self.tried
-            or self.tried[-1].verdict is not Verdict.REFUSED
-        ):
+        if self.fallback or not self.tried or self.tried[-1].verdict is not Verdict.REFUSED:
             return None
+        if self.reissue_failed and (not self.stateless or self.unknown or self.reissue_transient):
+            # An attempt whose outcome is unknown is still an attempt (it may have delivered),
+            # and so is one answered with an error: never one more. Without peer_state a
+            # re-issue that never reached iLink (no connection) leaves the next one its turn.
+            return None
+        if self.made >= 1 + self.rule.action.retries:
+            return None
+        if self.stateless:
+            return self._next_tokenless(now)
         ps = _ps(self.rule)
-        if self.made >= 1 + self.rule.action.retries or self.prior + self.made >= ps.max_attempts:
+        if self.prior + self.made >= ps.max_attempts:
             return None
         if self.token is None:
             return None  # the gateway sent none: nothing to repair by changing it
@@ -254,16 +300,29 @@ class Exchange:
             choice = (None, body)
         if choice is None:
             return None
+        return self._timed_step(choice[0], choice[1], now)
+
+    def _next_tokenless(self, now: float) -> Step | None:
+        """Without peer_state: the same body without the rule's field, again if refused again."""
+        body = remove_member(self.original, self.rule.action.remove)
+        if body is None:
+            self.uneditable = True  # never a "tokenless" re-issue that still carries it
+            return None
+        return self._timed_step(None, body, now)
+
+    def _timed_step(self, token: str | None, body: bytes, now: float) -> Step | None:
         if self.deadline - now <= 0:
             self.reissue_failed = True
             self.errors.append("no time left before the deadline")
             return None
-        return self._step(choice[0], choice[1], self.deadline - now)
+        return self._step(token, body, self.deadline - now)
 
     def conclude(self, now: float) -> Conclusion:
+        kinds = tuple(token_kind(t.token, self.token) for t in self.tried)
+        if self.stateless:
+            return Conclusion(self._stateless_decision(), self.tried[-1], (), kinds)
         ps = _ps(self.rule)
         attempts = self.prior + self.made
-        kinds = tuple(token_kind(t.token, self.token) for t in self.tried)
         if not self.tried:
             decision = Decision.FALLBACK if self.fallback else Decision.UPSTREAM_FAILED
             settle = SettleMessage(MessageRecord(MessageState.UNKNOWN, attempts))
@@ -310,6 +369,33 @@ class Exchange:
         answer = StoredAnswer(final.status, final.headers, final.body)
         effects.append(SettleMessage(MessageRecord(state, attempts, answer)))
         return Conclusion(decision, final, tuple(effects), kinds)
+
+    def _stateless_decision(self) -> Decision:
+        """Without peer_state: nothing to remember, only what the caller is handed."""
+        if self.made == 1 and not self.reissue_failed:
+            return Decision.MATCHED  # not re-issued: `retries: 0`, or a body it cannot edit
+        if len(self.tried) == 1:
+            return Decision.REISSUE_FAILED  # no usable answer: the caller keeps iLink's first
+        if self.tried[-1].verdict is Verdict.REFUSED:
+            return Decision.STILL_FAILING
+        return Decision.REPAIRED
+
+    @property
+    def reissues(self) -> int:
+        """Attempts made after the first."""
+        return self.made - 1
+
+
+def unusable_reissue_answer(status: int, content: bytes | None, doc: dict[str, Any] | None) -> str | None:
+    """Why a re-issue's answer cannot be handed back instead of the first (None: it can): only
+    HTTP 200 with an empty body or a JSON object is an answer the gateway understands."""
+    if content is None:
+        return "answer body could not be decoded"
+    if status != 200:
+        return f"answer was HTTP {status}"
+    if content and doc is None:
+        return "answer was not a JSON object"
+    return None
 
 
 def _state_of(verdict: Verdict) -> MessageState:
