@@ -276,3 +276,127 @@ def test_the_core_imports_no_io(module: str):
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
     assert not [n for n in names if n.split(".")[0] in FORBIDDEN or n.startswith(FORBIDDEN)]
+
+
+# ---------------------------------------------------------------- the rule without peer_state
+
+
+PLAIN = dataclasses.replace(RULE, peer_state=None)
+OK = b'{"ret":0}'
+
+
+def plain(retries: int = 1, *, original: bytes | None = None, first: bytes = STALE) -> policy.Exchange:
+    """mitmproxy forwarded the send and iLink answered `first`."""
+    r = dataclasses.replace(PLAIN, action=dataclasses.replace(PLAIN.action, retries=retries))
+    original = original if original is not None else body("tok")
+    return policy.Exchange.forwarded(r, "tok", original, NOW + 10, 200, (), first, json.loads(first))
+
+
+def test_without_peer_state_a_refusal_is_reissued_without_the_token_and_nothing_is_stored():
+    x = plain()
+    step = x.next(NOW)
+    assert step is not None and step.token is None and step.kind == "none"
+    assert step.body == body(None) and step.timeout == 10
+    assert step.effects == ()  # no store: no attempt to begin
+    x.answered(200, (), OK, json.loads(OK))
+    assert x.next(NOW) is None
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REPAIRED and c.effects == () and x.reissues == 1
+    assert c.final is not None and c.final.body == OK and c.kinds == ("original", "none")
+
+
+def test_without_peer_state_a_refused_reissue_is_repeated_up_to_retries_then_still_failing():
+    x = plain(retries=3)
+    for _ in range(3):
+        step = x.next(NOW)
+        assert step is not None and step.token is None
+        x.answered(200, (), STALE, json.loads(STALE))
+    assert x.next(NOW) is None
+    c = x.conclude(NOW)
+    assert c.decision is Decision.STILL_FAILING and x.reissues == 3 and c.final.body == STALE
+
+
+def test_without_peer_state_retries_0_or_a_body_it_cannot_edit_is_only_matched():
+    x = plain(retries=0)
+    assert x.next(NOW) is None and x.conclude(NOW).decision is Decision.MATCHED
+    y = plain(original=b"\xef\xbb\xbf" + body("tok"))
+    assert y.next(NOW) is None and y.uneditable
+    assert y.conclude(NOW).decision is Decision.MATCHED and y.reissues == 0
+
+
+def test_without_peer_state_a_reissue_that_may_have_delivered_is_never_followed_by_another():
+    x = plain(retries=3)
+    assert x.next(NOW) is not None
+    x.lost(True, "connection reset")  # it may have reached iLink, and been delivered
+    assert x.next(NOW) is None
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REISSUE_FAILED and x.errors == ["connection reset"]
+    assert c.final is not None and c.final.body == STALE  # the caller keeps iLink's first answer
+
+
+def test_without_peer_state_a_reissue_that_never_left_leaves_the_next_its_turn():
+    x = plain(retries=2)
+    assert x.next(NOW) is not None
+    x.lost(False, "connection refused")  # certainly not sent
+    assert x.next(NOW) is not None
+    x.answered(200, (), OK, json.loads(OK))
+    assert x.conclude(NOW).decision is Decision.REPAIRED and x.reissues == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "error"),
+    [
+        (503, b'{"errmsg":"busy"}', "answer was HTTP 503"),
+        (200, b"<html>", "answer was not a JSON object"),
+        (200, None, "answer body could not be decoded"),
+    ],
+)
+def test_without_peer_state_an_unusable_reissue_answer_keeps_the_first_and_ends_it(status, content, error):
+    x = plain(retries=3)
+    assert x.next(NOW) is not None
+    x.answered(status, (), content, None)
+    assert x.next(NOW) is None  # it reached iLink: nothing says it was not delivered
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REISSUE_FAILED and x.errors == [error] and c.final.body == STALE
+
+
+def test_without_peer_state_an_empty_200_or_another_answer_than_the_failure_is_handed_back():
+    for content in (b"", b'{"ret":-1}'):
+        x = plain()
+        assert x.next(NOW) is not None
+        x.answered(200, (), content, json.loads(content) if content else None)
+        c = x.conclude(NOW)
+        assert c.decision is Decision.REPAIRED and c.final.body == content
+
+
+def test_without_peer_state_a_refusal_then_a_lost_reissue_hands_back_the_refusal():
+    x = plain(retries=3)
+    x.next(NOW)
+    x.answered(200, (), STALE, json.loads(STALE))
+    x.next(NOW)
+    x.lost(True, "connection reset")
+    assert x.next(NOW) is None
+    c = x.conclude(NOW)
+    assert c.decision is Decision.STILL_FAILING and x.reissues == 2 and len(x.tried) == 2
+
+
+def test_without_peer_state_no_reissue_after_the_deadline():
+    x = plain()
+    assert x.next(NOW + 10) is None
+    assert x.conclude(NOW + 10).decision is Decision.REISSUE_FAILED
+    assert x.errors == ["no time left before the deadline"]
+
+
+@pytest.mark.parametrize(
+    ("present", "value", "token"),
+    [
+        (True, "tok", "tok"),
+        (True, "", None),
+        (True, None, None),
+        (False, None, None),
+        (True, 12345, "12345"),
+        (True, {"b": 1, "a": [2]}, '{"a":[2],"b":1}'),
+    ],
+)
+def test_a_token_that_is_not_a_string_is_still_a_token(present, value, token):
+    assert policy.gateway_token(present, value) == token

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT, SEND, Gateway, core_rules, sends_to, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess
+from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 
 STALE_ANSWER = b'{"ret":-2,"errmsg":"prepare failed"}'
@@ -273,20 +274,29 @@ def plain_proxy(
         yield p
 
 
-def test_without_peer_state_a_reissue_whose_answer_is_lost_is_not_reissued_again(
-    plain_proxy: ProxyProcess, fake: FakeILink
+LOST_AFTER_DELIVERY = {
+    "reset": Answer(fault="reset", deliver=True),
+    "503": Answer(status=503, body=b'{"errmsg":"busy"}', deliver=True),
+}
+
+
+@pytest.mark.parametrize("lost", LOST_AFTER_DELIVERY.values(), ids=LOST_AFTER_DELIVERY.keys())
+def test_without_peer_state_a_reissue_that_may_have_delivered_is_not_reissued_again(
+    plain_proxy: ProxyProcess, fake: FakeILink, lost: Answer
 ):
-    # Refused for a stale token; the tokenless re-issue is delivered, then its connection resets.
-    # It may have been delivered, so it is an attempt like any other: retries: 3 must not send it
-    # again (it did, and iLink delivered the message twice).
+    # Refused for a stale token; the tokenless re-issue is delivered, then its connection resets
+    # (or iLink answers 503). It may have been delivered, so it is an attempt like any other:
+    # retries: 3 must not send it again (it did, and iLink delivered the message twice).
     gw = Gateway(plain_proxy)
-    fake.script(SEND, Answer(body=STALE_ANSWER), Answer(fault="reset", deliver=True))
-    r = gw.send("a-stale-token", client_id="plain-lost")
+    token = f"stale-{secrets.token_hex(4)}"
+    fake.script(SEND, Answer(body=STALE_ANSWER), lost)
+    r = gw.send(token, client_id="plain-lost")
     gw.client.close()
     assert len(deliveries_to(fake, gw)) == 1
     assert len(sends_to(fake, gw)) == 2
-    # the gateway keeps iLink's first answer, marked as such
+    # the gateway keeps iLink's first answer, unchanged
     assert r.content == STALE_ANSWER
     assert r.headers.get("x-ilink-fixproxy") is None
-    assert wait_for(lambda: "re-issue without msg.context_token failed" in plain_proxy.output)
-    assert "original answer kept" in plain_proxy.output
+    assert wait_for(lambda: f"{token_hash(token)}: iLink answered" in plain_proxy.output)
+    line = plain_proxy.output.split(token_hash(token), 1)[1].split("\n", 1)[0]
+    assert "re-issue without msg.context_token failed" in line and "original answer kept" in line

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, SEND, core_rules, start_proxy, upstream_args
-from ilink_fixproxy.explain import UNKNOWN, explain, load_capture
+from ilink_fixproxy.explain import UNKNOWN, explain, from_flow, load_capture
 from ilink_fixproxy.launcher import clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.rules import load_file
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
@@ -199,3 +200,29 @@ def test_explain_mistakes_end_in_one_line(tmp_path: Path):
     bad_rules.write_text("version: 1\nrules: 3\n")
     p = run("explain", str(garbage), "--rules", str(bad_rules))
     assert p.returncode == 1 and "Traceback" not in p.stderr
+
+
+def test_explain_replays_a_reissue_that_never_left_as_one_that_leaves_the_next_its_turn(tmp_path: Path):
+    # The proxy records `"sent": false` for a re-issue that certainly never reached iLink; the
+    # core then allows the next one (retries: 2), and only then: a re-issue that may have
+    # reached iLink ends the exchange, live and replayed alike.
+    doc = yaml.safe_load(core_rules(tmp_path).read_text())
+    doc["rules"][0]["action"]["retries"] = 2
+    (tmp_path / "retries-2.yaml").write_text(yaml.safe_dump(doc))
+    rules = load_file(tmp_path / "retries-2.yaml")
+
+    def recorded(sent: bool):
+        f = tflow.tflow(resp=True)
+        f.request.method, f.request.path = "POST", SEND
+        f.request.content = json.dumps({"msg": {"to_user_id": "wxid_x", "context_token": "ctx"}}).encode()
+        f.response.content = b"{}"
+        error = {"status": None, "token": "none", "error": "connection refused"}
+        if not sent:
+            error["sent"] = False
+        ok = {"status": 200, "token": "none", "empty": False}
+        attempts = [{"status": 200, "token": "original", "ret": -2, "errmsg": "prepare failed"}, error, ok]
+        return from_flow(f, {"decision": "repaired", "attempts": attempts})
+
+    never_left, may_have = explain([recorded(False), recorded(True)], rules)
+    assert never_left.decision == "repaired" and never_left.agrees
+    assert may_have.decision == "reissue-failed"

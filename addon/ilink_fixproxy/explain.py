@@ -4,8 +4,9 @@ CAPTURE is a capture directory or journal (``--capture``), a HAR file (ours, mit
 browser's) or a mitmproxy flow file (``-w`` / ``--capture-flows``). Each iLink API exchange is
 replayed offline, in capture order, through the rules:
 
-- rules without ``peer_state``: the addon's own decision functions (``matching.first_rule``) on
-  the gateway's request and iLink's first answer, then on the recorded re-issue answers;
+- rules without ``peer_state``: the addon's own rule selection (``matching.first_rule``) on the
+  gateway's request and iLink's first answer, then the core the proxy runs (``policy.Exchange``,
+  driven by ``peers.drive``) with the recorded re-issue answers;
 - rules with ``peer_state``: the proxy's real ``PeerTracker`` on an in-memory state store, fed the
   captured ``getupdates`` answers, with a clock that follows the capture's timestamps and an
   "upstream" that answers each attempt with the answer iLink gave to the same kind of attempt
@@ -34,9 +35,12 @@ from mitmproxy.io.har import request_to_flow
 
 from . import state as state_mod
 from .capture import endpoint_of, is_api_flow, iso_time, request_facts
+from .core import policy
+from .core.model import Decision
 from .har import CaptureError, facts_problem, journal_files, read_journal
-from .jsonedit import get_path, remove_member
+from .jsonedit import get_path
 from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object
+from .peers import drive
 from .redact import redact_value
 from .reissue import ReissueError
 from .rules import Rule, RuleSet
@@ -249,7 +253,7 @@ class Oracle:
         self.used[kind] += 1
         a = same[n]
         if a.get("status") is None:
-            raise ReissueError(str(a.get("error") or "the attempt failed"))
+            raise ReissueError(str(a.get("error") or "the attempt failed"), sent=a.get("sent") is not False)
         return http.Response.make(int(a["status"]), self._body(a), {"Content-Type": "application/json"})
 
     def _body(self, a: dict[str, Any]) -> bytes:
@@ -362,7 +366,7 @@ class Replay:
                     if explained is not None:
                         return explained
                     break
-        return self._stateless(r, candidates, doc)
+        return await self._stateless(r, candidates, doc)
 
     def _passed(self, r: Recorded) -> Explained:
         return Explained(r, "passed")
@@ -385,7 +389,9 @@ class Replay:
         note = outcome.response.headers.get("X-Ilink-Fixproxy", "")
         return Explained(r, outcome.decision, rule.name, note)
 
-    def _stateless(self, r: Recorded, candidates: list[Rule], doc: dict[str, Any] | None) -> Explained:
+    async def _stateless(self, r: Recorded, candidates: list[Rule], doc: dict[str, Any] | None) -> Explained:
+        """The rule without peer_state, as the addon runs it: the same core decides each
+        re-issue (answered from the capture) and the outcome."""
         oracle = Oracle(r)
         sent = _token_of(doc)
         try:
@@ -398,30 +404,30 @@ class Replay:
             return self._passed(r)
         oracle.token_path = rule.action.remove
         field_name = ".".join(rule.action.remove)
-        body = remove_member(r.flow.request.raw_content or b"", rule.action.remove)
-        if body is None or rule.action.retries == 0:
-            summary = AnswerSummary.of(first.status_code, first.content).short()
-            return Explained(r, "matched", rule.name, f"{summary}; not re-issued")
-        answer: http.Response | None = None
-        for _ in range(rule.action.retries):
-            try:
-                candidate = oracle.answer("none")
-            except ReissueError:
-                continue  # (Unknown propagates: the re-issue's answer is not in the capture)
-            if candidate.status_code != 200 or (
-                candidate.content and parse_json_object(candidate.content) is None
-            ):
-                continue  # the addon does not hand back such an answer: it counts as a failed re-issue
-            answer = candidate
-            if not first_rule([rule], doc, candidate.status_code, parse_json_object(candidate.content)):
-                break
-        if answer is None:
-            return Explained(r, "reissue-failed", rule.name, f"re-issue without {field_name} failed")
-        failing = first_rule([rule], doc, answer.status_code, parse_json_object(answer.content)) is not None
-        now = AnswerSummary.of(answer.status_code, answer.content).short()
-        return Explained(
-            r, "still-failing" if failing else "repaired", rule.name, f"re-issued without {field_name}: {now}"
+        x = policy.Exchange.forwarded(
+            rule,
+            policy.gateway_token(*get_path(doc, rule.action.remove)),
+            r.flow.request.raw_content or b"",
+            r.ts + rule.action.deadline_s,
+            first.status_code,
+            (),
+            first.content,
+            first_doc,
         )
+
+        async def reissue(step: policy.Step) -> http.Response:
+            return oracle.answer("none")  # (Unknown propagates: the answer is not in the capture)
+
+        answers = await drive(x, x.next(self.now), reissue, [], lambda: self.now)
+        decision = x.conclude(self.now).decision
+        if decision is Decision.MATCHED:
+            summary = AnswerSummary.of(first.status_code, first.content).short()
+            return Explained(r, decision, rule.name, f"{summary}; not re-issued")
+        if decision is Decision.REISSUE_FAILED:
+            return Explained(r, decision, rule.name, f"re-issue without {field_name} failed")
+        answer, body = answers[-1]
+        now = AnswerSummary.of(answer.status_code, body).short()
+        return Explained(r, decision, rule.name, f"re-issued without {field_name}: {now}")
 
 
 def explain(records: list[Recorded], ruleset: RuleSet) -> list[Explained]:

@@ -632,7 +632,8 @@ async def drive(
         try:
             response = await pending
         except ReissueError as e:
-            trace.append(attempt_record(None, None, (time.monotonic() - started) * 1000, step.kind, str(e)))
+            ms = (time.monotonic() - started) * 1000
+            trace.append(attempt_record(None, None, ms, step.kind, str(e), sent=e.sent))
             x.lost(e.sent, str(e))
         else:
             try:
@@ -666,17 +667,26 @@ def _list(headers: tuple[tuple[str, str], ...] | None) -> list[tuple[str, str]] 
 
 
 def attempt_record(
-    status: int | None, body: bytes | None, ms: float, token: str, error: str | None = None
+    status: int | None,
+    body: bytes | None,
+    ms: float,
+    token: str,
+    error: str | None = None,
+    *,
+    sent: bool = True,
 ) -> dict[str, Any]:
     """One upstream attempt as recorded in flow.metadata["ilink_fixproxy"]["attempts"]: no secrets,
     only what iLink said (status, ret, errcode, errmsg), how long it took, and which token kind
-    was sent ("original", "fresh" or "none")."""
+    was sent ("original", "fresh" or "none"); for a failed attempt its error, and `"sent": false`
+    if it certainly never reached iLink (explain replays that distinction)."""
     record: dict[str, Any] = {"status": status, "ms": round(ms, 1), "token": token}
     if status is not None:
         summary = AnswerSummary.of(status, body)
         record.update(ret=summary.ret, errcode=summary.errcode, errmsg=summary.errmsg, empty=summary.empty)
     if error:
         record["error"] = error
+        if not sent:
+            record["sent"] = False
     return record
 
 
