@@ -191,41 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_state = sub.add_parser("state", help="list what the proxy remembers about peers, or forget one")
     p_state.add_argument("action", nargs="?", choices=["list", "forget"], default="list")
     p_state.add_argument("peer", nargs="?", help="with forget: the peer id, or the hash `state` shows")
-    p_state.add_argument(
-        "--state",
-        metavar="PATH",
-        default=None,
-        dest="state_path",
-        help="state file (default: the one in --confdir)",
-    )
-    p_state.add_argument(
-        "--confdir",
-        metavar="DIR",
-        default=None,
-        dest="state_confdir",
-        help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
-    )
-    p_state.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
+    _state_file_arguments(p_state)
     p_out = sub.add_parser("outbox", help="list, flush or drop deferred sends")
     p_out.add_argument("action", nargs="?", choices=["list", "flush", "drop"], default="list")
     p_out.add_argument("target", nargs="?", help="flush: the peer (id or hash); drop: the message id")
-    p_out.add_argument(
+    _state_file_arguments(p_out)
+    cli_capture.add_subcommands(sub)
+    return parser
+
+
+def _state_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the subcommands that read the state file (`state`, `outbox`)."""
+    parser.add_argument(
         "--state",
         metavar="PATH",
         default=None,
         dest="state_path",
         help="state file (default: the one in --confdir)",
     )
-    p_out.add_argument(
+    parser.add_argument(
         "--confdir",
         metavar="DIR",
         default=None,
         dest="state_confdir",
         help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
     )
-    p_out.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
-    cli_capture.add_subcommands(sub)
-    return parser
+    parser.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -129,15 +129,31 @@ def _leaf_members(text: str, path: Path) -> list[_Member] | None:
     return None if open_idx is None else _members(text, open_idx)
 
 
-def _prepare(body: bytes, path: Path) -> tuple[str, list[_Member]] | None:
-    """Decode and validate ``body``; return its text and the members at the leaf level."""
-    if not path:
-        return None
+def _decoded(body: bytes) -> tuple[str, Any] | None:
+    """``body`` as text and as parsed JSON, or None if it is not valid UTF-8 JSON."""
     try:
         text = body.decode("utf-8")
-        doc = json.loads(text)
+        return text, json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
+
+
+def _compact(value: Any) -> str:
+    """``value`` as compact JSON in UTF-8 terms: escaped to ASCII only if it holds lone
+    surrogates, which UTF-8 cannot carry."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"))
+    return text
+
+
+def _prepare(body: bytes, path: Path) -> tuple[str, list[_Member]] | None:
+    """Decode and validate ``body``; return its text and the members at the leaf level."""
+    if not path or (decoded := _decoded(body)) is None:
+        return None
+    text, doc = decoded
     if not isinstance(doc, dict) or not get_path(doc, path)[0]:
         return None
     try:
@@ -206,12 +222,7 @@ def replace_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
     if len(found) != 1:  # a duplicate key: replacing one would leave the other (see _object_at)
         return None
     last = found[0]
-    new_text = json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))
-    try:
-        new_bytes = new_text.encode("utf-8")
-    except UnicodeEncodeError:
-        new_bytes = json.dumps(new_value, separators=(",", ":")).encode("ascii")
-    return text[: last.value_start].encode("utf-8") + new_bytes + text[last.value_end :].encode("utf-8")
+    return (text[: last.value_start] + _compact(new_value) + text[last.value_end :]).encode("utf-8")
 
 
 def set_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
@@ -226,11 +237,9 @@ def set_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
     replaced = replace_value(body, path, new_value)
     if replaced is not None:
         return replaced
-    try:
-        text = body.decode("utf-8")
-        doc = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    if (decoded := _decoded(body)) is None:
         return None
+    text, doc = decoded
     present, parent = get_path(doc, path[:-1])
     if not isinstance(doc, dict) or not present or not isinstance(parent, dict) or path[-1] in parent:
         return None  # (the key is there but could not be replaced: duplicated, see _object_at)
@@ -241,10 +250,7 @@ def set_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
         has_members = bool(_members(text, open_idx))
     except (_Malformed, ValueError, RecursionError):
         return None
-    try:
-        value = json.dumps(new_value, ensure_ascii=False, separators=(",", ":"))
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = json.dumps(new_value, separators=(",", ":"))
-    member = json.dumps(path[-1], ensure_ascii=False) + ":" + value + ("," if has_members else "")
+    member = (
+        json.dumps(path[-1], ensure_ascii=False) + ":" + _compact(new_value) + ("," if has_members else "")
+    )
     return (text[: open_idx + 1] + member + text[open_idx + 1 :]).encode("utf-8")

@@ -279,6 +279,10 @@ class _Parser:
                 raise self._fail(node, where, f"missing required key {key!r}")
         return out
 
+    def _one_or_more(self, node: yaml.Node, where: str, what: str) -> list[yaml.Node]:
+        """A scalar, or a sequence of them (`request_has: msg.x` or `[msg.x, msg.y]`)."""
+        return [node] if isinstance(node, yaml.ScalarNode) else self._sequence(node, where, what)
+
     def _sequence(self, node: yaml.Node, where: str, what: str) -> list[yaml.Node]:
         if not isinstance(node, yaml.SequenceNode):
             raise self._fail(node, where, f"expected a list of {what}")
@@ -511,12 +515,7 @@ class _Parser:
         expr, flt = self._filter(m["filter"], f"{where}.filter")
 
         if "request_has" in m:
-            has_node = m["request_has"]
-            nodes = (
-                [has_node]
-                if isinstance(has_node, yaml.ScalarNode)
-                else self._sequence(has_node, f"{where}.request_has", "dotted JSON paths")
-            )
+            nodes = self._one_or_more(m["request_has"], f"{where}.request_has", "dotted JSON paths")
             request_has = tuple(self._json_path(n, f"{where}.request_has") for n in nodes)
         else:
             request_has = ()
@@ -530,12 +529,7 @@ class _Parser:
         )
 
         if "response_status" in m:
-            s_node = m["response_status"]
-            nodes = (
-                [s_node]
-                if isinstance(s_node, yaml.ScalarNode)
-                else self._sequence(s_node, f"{where}.response_status", "HTTP status codes")
-            )
+            nodes = self._one_or_more(m["response_status"], f"{where}.response_status", "HTTP status codes")
             statuses = tuple(self._int(n, f"{where}.response_status", 100, 599) for n in nodes)
         else:
             statuses = (200,)
