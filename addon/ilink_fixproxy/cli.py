@@ -382,7 +382,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     rules_path = resolve_rules_path(args.rules)
     ruleset = load_rules(rules_path)
     confdir = Path(os.path.expanduser(args.confdir))
-    make_private_dir(confdir)
     bundle = None
     if args.upstream_ca:
         bundle = write_upstream_bundle(Path(args.upstream_ca), confdir)
@@ -448,6 +447,8 @@ def make_private_dir(path: Path) -> None:
         return
     if path.exists():
         raise UsageError(f"--confdir {path}: not a directory")
+    if blocker := next((a for a in path.parents if a.exists() and not a.is_dir()), None):
+        raise UsageError(f"--confdir {path}: cannot create it (Not a directory: {blocker})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir(mode=0o700, exist_ok=True)
@@ -855,6 +856,7 @@ def run_proxy(args: argparse.Namespace) -> int:
     # is owner-only: nothing it writes is for other users.
     os.umask(os.umask(0o077) | 0o077)
     s = settings_from_args(args)
+    make_private_dir(s.confdir)  # (only once the arguments are known to be right: a mistake creates nothing)
     check_listen(s)
     check_ui_port_free(s)
     check_ca(s)

@@ -100,7 +100,10 @@ def record_problem(record: dict[str, Any]) -> str | None:
     try:
         if not isinstance(record["url"], str):
             raise ValueError
-        mitmproxy_url.parse(record["url"])
+        # A request mitmproxy itself refused is journaled as it had it, "://x:443/path": no scheme
+        # (see explain._flow), and is still a record of ours.
+        if not record["url"].startswith("://"):
+            mitmproxy_url.parse(record["url"])
     except ValueError:
         return "url is not an absolute http(s) URL"
     return _part_problem("request", record.get("request")) or _part_problem(
