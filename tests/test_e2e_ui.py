@@ -46,6 +46,7 @@ def test_ui_is_refused_where_mitmweb_has_no_authentication(tmp_path: Path):
     )
     assert p.returncode == 2
     assert p.stdout == ""
+    assert not (tmp_path / "c").exists()  # a refused start creates nothing
     assert p.stderr == (
         f"ilink-fixproxy: --ui: the web UI of mitmproxy {VERSION} has no authentication (anyone who "
         "reaches its port could read every flow, bot tokens included, and change options); --ui needs "

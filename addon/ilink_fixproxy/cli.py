@@ -528,6 +528,7 @@ def check_ui_port_free(s: Settings) -> None:
     """With --ui, the web UI's port (mitmweb's web_host/web_port options, 127.0.0.1:8081 unless set)."""
     if not s.ui:
         return
+    cli_capture.require_web_auth()
     host = set_option_value(s.setoptions, "web_host") or "127.0.0.1"
     port_text = (set_option_value(s.setoptions, "web_port") or "8081").strip()
     if not port_text.isdigit() or int(port_text) > 65535:
@@ -856,9 +857,9 @@ def run_proxy(args: argparse.Namespace) -> int:
     # is owner-only: nothing it writes is for other users.
     os.umask(os.umask(0o077) | 0o077)
     s = settings_from_args(args)
-    make_private_dir(s.confdir)  # (only once the arguments are known to be right: a mistake creates nothing)
     check_listen(s)
     check_ui_port_free(s)
+    make_private_dir(s.confdir)  # (only once the arguments are known to be right: a mistake creates nothing)
     check_ca(s)
     check_state_free(s)
     return asyncio.run(serve(s))
