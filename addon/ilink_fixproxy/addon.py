@@ -436,6 +436,10 @@ class IlinkFixProxy:
             content: bytes | None = response.get_content(strict=True)
         except ValueError:
             content = None
+        if not content and response.raw_content:
+            # Bytes that decode to nothing (a broken gzip stream, which mitmproxy 12 reads as
+            # empty instead of failing): not an answer anyone can read, so not "accepted".
+            content = None
         evidence = policy.delivery(response.status_code, content, parse_json_object(content))
         meta["delivery"] = evidence
         if evidence is Delivery.UNCONFIRMED:
