@@ -150,7 +150,7 @@ def test_response_hook_repairs_and_annotates(fake_ilink: FakeILink, pki: TestPKI
     addon = IlinkFixProxy()
     f = flow_to(fake_ilink.url, send_body(STALE))
     repair(addon, f, pki)
-    assert f.response.content == b"{}"
+    assert f.response.content == fake_ilink.success_answer
     assert f.response.headers[HEADER].startswith("repaired; rule=stale-context-token")
     assert f.marked == ":wrench:"
     assert "repaired" in f.comment and 'ret=-2 errmsg="prepare failed"' in f.comment

@@ -257,7 +257,19 @@ def test_the_journal_has_one_line_per_ilink_exchange_with_what_happened(captured
         "prepare failed",
         "original",
     )
-    assert (second["status"], second["ret"], second["token"]) == (200, None, "none")
+    assert (second["status"], second["ret"], second["token"]) == (200, 0, "none")
+    # what iLink's answer said about delivery, for each send that reached it (None: no answer
+    # from iLink was handed back, or not a send)
+    assert [r["delivery"] for r in records] == [
+        None,
+        "confirmed",
+        None,
+        "refused",
+        None,
+        None,
+        "confirmed",
+        None,
+    ]
     assert first["ms"] >= 0 and repaired["upstream_ms"] >= first["ms"]
     assert repaired["note"].startswith("repaired; rule=stale-context-token")
     assert records[2]["attempts"] == [] and records[4]["attempts"] == []  # answered by the proxy

@@ -17,6 +17,7 @@ from ilink_fixproxy.core.model import (
     CountRateLimit,
     Decision,
     Defer,
+    Delivery,
     Go,
     LocalAnswer,
     MarkStale,
@@ -400,3 +401,110 @@ def test_without_peer_state_no_reissue_after_the_deadline():
 )
 def test_a_token_that_is_not_a_string_is_still_a_token(present, value, token):
     assert policy.gateway_token(present, value) == token
+
+
+# ---------------------------------------------------------------- delivery evidence
+
+BIG_ID = b'{"ret":0,"message_id":7489534892789345001}'
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "evidence"),
+    [
+        (200, BIG_ID, Delivery.CONFIRMED),
+        (200, b'{"ret":0,"errcode":0,"message_id":"7489534892789345001"}', Delivery.CONFIRMED),
+        (200, b'{"message_id":12}', Delivery.CONFIRMED),  # ret absent
+        (200, b"", Delivery.UNCONFIRMED),
+        (200, b"{}", Delivery.UNCONFIRMED),
+        (200, b'{"ret":0}', Delivery.UNCONFIRMED),
+        (200, b'{"ret":0,"message_id":""}', Delivery.UNCONFIRMED),
+        (200, b'{"ret":0,"message_id":null}', Delivery.UNCONFIRMED),
+        (200, b'{"ret":0,"message_id":true}', Delivery.UNCONFIRMED),
+        (200, b'{"ret":-2,"message_id":1}', Delivery.REFUSED),
+        (200, b'{"errcode":-14}', Delivery.REFUSED),
+        (200, b'{"ret":false}', Delivery.REFUSED),
+        (200, b"<html>", Delivery.REFUSED),
+        (200, b"[]", Delivery.REFUSED),
+        (503, b'{"ret":0,"message_id":1}', Delivery.REFUSED),
+        (204, b"", Delivery.REFUSED),
+        (200, None, Delivery.REFUSED),  # undecodable
+    ],
+)
+def test_every_answer_is_classified_by_its_evidence_of_delivery(status, content, evidence):
+    doc = policy._object(content) if content else None
+    assert policy.delivery(status, content, doc) is evidence
+
+
+def test_classification_never_converts_the_message_id():
+    # (a float would turn ...345001 into ...344960: presence is all that is read)
+    doc = json.loads(BIG_ID)
+    assert (
+        policy.delivery(200, BIG_ID, doc) is Delivery.CONFIRMED and doc["message_id"] == 7489534892789345001
+    )
+
+
+def unconfirmed_rule(mode: str, **peer_state: object) -> rules_mod.Rule:
+    r = rule(**peer_state) if peer_state else RULE
+    return dataclasses.replace(r, action=dataclasses.replace(r.action, unconfirmed=mode))
+
+
+def test_report_keeps_an_unconfirmed_send_accepted_and_its_answer_as_it_came():
+    x = exchange(r=unconfirmed_rule("report"))
+    x.first()
+    x.answered(200, (), b'{"ret":0}', {"ret": 0})
+    c = x.conclude(NOW)
+    assert c.decision is Decision.PASSED and c.delivery is Delivery.UNCONFIRMED and c.replaced is None
+    assert settled(c.effects) == MessageRecord(MessageState.ACCEPTED, 1, StoredAnswer(200, (), b'{"ret":0}'))
+    # a retry is answered from memory (never a second upstream send), still said to be unconfirmed
+    g = policy.gate(Snapshot(message=settled(c.effects)), x.rule, NOW)
+    assert isinstance(g, LocalAnswer) and g.decision is Decision.REPLAYED and g.body == b'{"ret":0}'
+    assert g.note.endswith("; delivery=unconfirmed; handed=as-is")
+
+
+def test_fail_answers_an_unconfirmed_send_as_a_failure_and_lets_a_retry_go_up_to_max_attempts():
+    r = unconfirmed_rule("fail")
+    x = exchange(r=r)
+    x.first()
+    x.answered(200, (), b"", None)
+    c = x.conclude(NOW)
+    failure = StoredAnswer(200, policy.JSON, policy.UNCONFIRMED_FAILURE)
+    assert c.delivery is Delivery.UNCONFIRMED and c.replaced == failure
+    assert json.loads(failure.body) == {"ret": -1, "errmsg": policy.UNCONFIRMED_ERRMSG}
+    record = settled(c.effects)
+    assert record == MessageRecord(MessageState.TRANSIENT, 1, failure)  # not accepted: no replay
+    assert OpenWindow() in c.effects  # iLink did not refuse the token
+    # the gateway's retry goes upstream again (its one attempt left) ...
+    g = policy.gate(Snapshot(message=record), r, NOW)
+    assert g == Go(prior=1)
+    # ... and once max_attempts are used, it is answered with the same failure, locally
+    used = MessageRecord(MessageState.TRANSIENT, 2, failure)
+    g = policy.gate(Snapshot(message=used), r, NOW)
+    assert isinstance(g, LocalAnswer) and g.decision is Decision.ANSWERED_LOCALLY and g.body == failure.body
+
+
+def test_a_confirmed_send_is_never_replaced_and_a_lost_one_is_failed():
+    x = exchange(r=unconfirmed_rule("fail"))
+    x.first()
+    x.answered(200, (), BIG_ID, json.loads(BIG_ID))
+    c = x.conclude(NOW)
+    assert c.delivery is Delivery.CONFIRMED and c.replaced is None
+    assert settled(c.effects).state is MessageState.ACCEPTED
+    x = exchange()
+    x.first()
+    x.lost(True, "reset")
+    assert x.conclude(NOW).delivery is Delivery.FAILED
+    x = exchange()
+    x.first()
+    x.lost(False, "refused to connect")  # mitmproxy forwards it: its own answer is classified
+    assert x.conclude(NOW).delivery is None
+
+
+def test_without_peer_state_an_unconfirmed_repair_is_replaced_under_fail():
+    r = dataclasses.replace(unconfirmed_rule("fail"), peer_state=None)
+    x = policy.Exchange.forwarded(r, "tok", body("tok"), NOW + 10, 200, (), STALE, json.loads(STALE))
+    step = x.next(NOW)
+    assert step is not None and step.token is None
+    x.answered(200, (), b'{"ret":0}', {"ret": 0})
+    c = x.conclude(NOW)
+    assert c.decision is Decision.REPAIRED and c.delivery is Delivery.UNCONFIRMED
+    assert c.replaced is not None and c.replaced.body == policy.UNCONFIRMED_FAILURE

@@ -39,7 +39,7 @@ def test_a_retrying_gateway_gets_one_delivery_in_at_most_two_attempts(gw: Gatewa
             answers.append(None)
     assert answers[:3] == [None, None, None]
     assert [a.status_code for a in answers[3:]] == [200, 200]
-    assert all(a.content == b"{}" for a in answers[3:])
+    assert all(a.content == fake.success_answer for a in answers[3:])
     assert len(sends_to(fake, gw)) == 2  # the stale try and its tokenless re-issue
     assert len([d for d in fake.deliveries if d.to_user_id == gw.peer]) == 1
     assert answers[4].headers["x-ilink-fixproxy"].startswith("replayed")
@@ -69,7 +69,7 @@ def test_closed_window_answers_locally_until_the_peer_writes(gw: Gateway, fake: 
     fresh = fake.push_inbound(gw.peer, "I'm back")
     assert gw.poll().json()["msgs"][0]["from_user_id"] == gw.peer
     r = gw.send("old-token", text="queued news")
-    assert r.status_code == 200 and r.content == b"{}"
+    assert r.status_code == 200 and r.content == fake.success_answer
     assert r.headers["x-ilink-fixproxy"].startswith("substituted")
     last = sends_to(fake, gw)[-1]
     assert len(sends_to(fake, gw)) == 3 and last.context_token == fresh
@@ -93,7 +93,7 @@ def test_the_newest_token_itself_passes_untouched(gw: Gateway, fake: FakeILink):
     gw.poll()
     body = gw.body(fresh)
     r = gw.client.post(gw.url + SEND, content=body, headers=gw.headers)
-    assert r.content == b"{}" and "x-ilink-fixproxy" not in r.headers
+    assert r.content == fake.success_answer and "x-ilink-fixproxy" not in r.headers
     (only,) = sends_to(fake, gw)
     assert only.body == body
 
@@ -150,7 +150,7 @@ def test_stale_memory_survives_a_restart(fake: FakeILink, pki: TestPKI, tmp_path
     with start_proxy(*args) as p:
         gw.url = p.url
         r = gw.send("proven-stale")
-        assert r.content == b"{}"
+        assert r.content == fake.success_answer
         assert r.headers["x-ilink-fixproxy"].startswith("stripped")
         assert len(sends_to(fake, gw)) == 3  # one attempt, without the dead token
         assert sends_to(fake, gw)[-1].context_token is None

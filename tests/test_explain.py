@@ -156,6 +156,9 @@ def test_explain_reproduces_plain_repairs_and_failed_reissues(fake: FakeILink, p
     assert live == ["repaired", "passed", "reissue-failed", "still-failing"]
     rows = explained(tmp_path / "cap", rules)
     assert [r["would"] for r in rows] == live
+    # explain says what iLink's answer told about delivery, as the live proxy journaled it
+    evidence = ["confirmed", "confirmed", "refused", "refused"]
+    assert [r["delivery"] for r in journal(tmp_path / "cap")] == [r["delivery"] for r in rows] == evidence
     # the same capture under peer-state rules: what the capture cannot tell is said, not guessed
     with_state = explained(tmp_path / "cap", ROOT / "rules.yaml")
     assert [r["would"] for r in with_state][:2] == ["repaired", "passed"]

@@ -138,6 +138,9 @@ def scrape(base: str) -> Samples:
     }
 
 
+OUTCOMES = ("confirmed", "unconfirmed", "refused", "failed")
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
@@ -162,10 +165,11 @@ def test_counters_move_as_traffic_flows(metered: tuple[ProxyProcess, str], fake:
         )
         == 1
     )
-    assert (
-        moved(s0, s1, "ilink_fixproxy_upstream_answers_total", **answer, ret="none", errmsg_class="none") == 1
-    )
+    assert moved(s0, s1, "ilink_fixproxy_upstream_answers_total", **answer, ret="0", errmsg_class="none") == 1
     assert moved(s0, s1, "ilink_fixproxy_repairs_total", outcome="delivered") == 1
+    # one send, one outcome: iLink's final answer carried a message_id
+    assert moved(s0, s1, "ilink_fixproxy_send_outcomes_total", outcome="confirmed") == 1
+    assert value(s0, "ilink_fixproxy_send_outcomes_total", outcome="unconfirmed") >= 0  # present at 0
     assert moved(s0, s1, "ilink_fixproxy_upstream_seconds_count", endpoint="sendmessage") == 2
     assert moved(s0, s1, "ilink_fixproxy_added_seconds_count", endpoint="sendmessage") == 1
     assert value(s1, "ilink_fixproxy_added_seconds_bucket", endpoint="sendmessage", le="+Inf") >= 1
@@ -184,6 +188,9 @@ def test_counters_move_as_traffic_flows(metered: tuple[ProxyProcess, str], fake:
         == 1
     )
     assert moved(s1, s2, "ilink_fixproxy_upstream_seconds_count", endpoint="sendmessage") == 2
+    # the refused send counts once; the one answered from memory never reached iLink
+    outcomes = {o: moved(s1, s2, "ilink_fixproxy_send_outcomes_total", outcome=o) for o in OUTCOMES}
+    assert outcomes == {"confirmed": 0, "unconfirmed": 0, "refused": 1, "failed": 0}
     gw.close()
 
 
@@ -198,6 +205,9 @@ def test_an_empty_answer_to_a_repair_counts_as_unconfirmed(
     assert r.status_code == 200 and r.content == b""
     after = scrape(base)
     assert moved(before, after, "ilink_fixproxy_repairs_total", outcome="unconfirmed_empty_body") == 1
+    assert moved(before, after, "ilink_fixproxy_send_outcomes_total", outcome="unconfirmed") == 1
+    assert r.headers["x-ilink-fixproxy"].startswith("repaired; ")
+    assert r.headers["x-ilink-fixproxy"].endswith("; delivery=unconfirmed; handed=as-is")
     gw.getconfig(gw.token("ctx"))  # an exchange no rule selects: counted with iLink's ret
     final = scrape(base)
     assert moved(after, final, "ilink_fixproxy_requests_total", endpoint="getconfig", decision="passed") == 1

@@ -98,6 +98,13 @@ def test_field_condition_shapes():
     assert rs.hosts == ()
 
 
+def test_unconfirmed_is_report_unless_the_rule_says_fail():
+    assert parse(BASE.format(extra="")).rules[0].action.unconfirmed == "report"
+    rs = parse(BASE.format(extra="      unconfirmed: fail\n"))
+    assert rs.rules[0].action.unconfirmed == "fail"
+    assert "answered as a failure" in rules.describe(rs)
+
+
 @pytest.mark.parametrize(
     ("extra", "where", "expected"),
     [
@@ -106,6 +113,8 @@ def test_field_condition_shapes():
         ("      deadline_s: 0\n", "rule 'r'.action.deadline_s", "more than 0"),
         ("      deadline_s: 61\n", "rule 'r'.action.deadline_s", "at most 60"),
         ("      remov: x\n", "rule 'r'.action", "unknown key 'remov'"),
+        ("      unconfirmed: drop\n", "rule 'r'.action.unconfirmed", "'drop' is not one of: report, fail"),
+        ("      unconfirmed: [fail]\n", "rule 'r'.action.unconfirmed", "expected a non-empty string"),
         ("      retries: 1\n      retries: 1\n", "rule 'r'.action", "duplicate key 'retries'"),
         ("", "rule 'r'.action", "-"),
     ],

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from ilink_fixproxy.sandbox import (
     FIRST_MESSAGE_ID,
+    SUCCESS_ANSWER,
     Answer,
     FakeILink,
     TestPKI,
@@ -150,7 +151,7 @@ def test_tls_fails_without_ca_and_server_survives(fake: FakeILink, client: httpx
 def test_fresh_token_delivered(fake: FakeILink, client: httpx.Client) -> None:
     fake.fresh_tokens.add("tok-fresh")
     r = client.post(fake.url + SEND, json=send_body("tok-fresh", text="good morning"))
-    assert r.status_code == 200 and r.content == b"{}"
+    assert r.status_code == 200 and r.content == SUCCESS_ANSWER
     [delivery] = fake.deliveries
     assert (delivery.to_user_id, delivery.client_id, delivery.text, delivery.context_token) == (
         PEER,
@@ -222,7 +223,7 @@ def test_scripts_consumed_in_order_then_model(fake: FakeILink, client: httpx.Cli
     assert [(r.status_code, r.content) for r in answers] == [
         (503, b"busy"),
         (200, b'{"ret":-14}'),
-        (200, b"{}"),
+        (200, SUCCESS_ANSWER),
     ]
     assert answers[0].headers["x-a"] == "1"
     assert [s.answered for s in fake.sends()] == ["scripted", "scripted", "delivered"]
@@ -313,7 +314,7 @@ def test_getupdates_returns_inbound_and_token_becomes_fresh(fake: FakeILink, cli
     cursor = doc["get_updates_buf"]
     assert doc["ret"] == 0 and cursor
 
-    assert client.post(fake.url + SEND, json=send_body(token)).content == b"{}"
+    assert client.post(fake.url + SEND, json=send_body(token)).content == SUCCESS_ANSWER
     assert fake.deliveries[0].context_token == token
 
     start = time.monotonic()
@@ -353,7 +354,7 @@ def test_reset_clears_state(fake: FakeILink, client: httpx.Client) -> None:
     assert fake.requests == [] and fake.deliveries == [] and fake.fresh_tokens == set()
     assert (fake.stale_answer, fake.success_answer, fake.tokenless_delivers, fake.longpoll_seconds) == (
         b'{"ret":-2,"errmsg":"prepare failed"}',
-        b"{}",
+        SUCCESS_ANSWER,
         True,
         0.3,
     )
@@ -413,7 +414,7 @@ def test_cli_runs_and_exits_cleanly_on_ctrl_c(tmp_path: Path, pki: TestPKI) -> N
         token = proc.stdout.readline().split()[-1]
         ctx = ssl.create_default_context(cafile=ca)
         with httpx.Client(verify=ctx, trust_env=False, timeout=5) as c:
-            assert c.post(url + SEND, json=send_body(token)).content == b"{}"
+            assert c.post(url + SEND, json=send_body(token)).content == SUCCESS_ANSWER
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=5)
     finally:
@@ -436,3 +437,15 @@ def test_malformed_chunked_request_gets_400(plain_fake: FakeILink) -> None:
     )
     assert raw_exchange(plain_fake.port, request).startswith(b"HTTP/1.1 400 ")
     assert plain_fake.requests == []  # broken framing is not a request the model saw
+
+
+def test_a_dropping_peer_gets_ret_0_without_message_id_and_nothing_is_delivered(
+    fake: FakeILink, client: httpx.Client
+) -> None:
+    fake.fresh_tokens.add("tok-fresh")
+    fake.dropping_peers.add(PEER)
+    r = client.post(fake.url + SEND, json=send_body("tok-fresh", text="lost"))
+    assert r.status_code == 200 and r.content == b'{"ret":0}'
+    assert fake.deliveries == [] and fake.sends()[-1].answered == "dropped-silently"
+    fake.reset()
+    assert fake.dropping_peers == set()

@@ -28,11 +28,18 @@ from . import overload, trailers
 from . import rules as rules_mod
 from . import state as state_mod
 from .core import policy
-from .core.model import Decision
+from .core.model import Decision, Delivery, StoredAnswer
 from .health import REPAIRS, STATE, Health, component_of
 from .jsonedit import get_path
-from .matching import AnswerSummary, condition_holds, first_rule, parse_json_object, request_line_only
-from .peers import PeerTracker, attempt_record, drive
+from .matching import (
+    AnswerSummary,
+    condition_holds,
+    first_rule,
+    parse_json_object,
+    request_line_only,
+    request_qualifies,
+)
+from .peers import PeerTracker, attempt_record, drive, mark_unconfirmed
 from .redact import known_values, redact_known, token_hash
 from .reissue import Reissuer, UpstreamTrust
 from .rules import Rule, RuleSet
@@ -347,6 +354,7 @@ class IlinkFixProxy:
                 "rule": rule.name,
                 "handled": True,
                 "attempts": list(outcome.trace),
+                "delivery": outcome.delivery,
             }
         )
         if outcome.decision != "passed":
@@ -377,26 +385,70 @@ class IlinkFixProxy:
                 asyncio.get_running_loop().call_soon(self.tracker.write_back, flow.id)
             return
         selected = self._selected(flow)
-        if selected is None:
-            return
-        rule, request_doc = selected
-        self._in_flight += 1
+        if selected is not None:
+            rule, request_doc = selected
+            self._in_flight += 1
+            try:
+                await self._repair(flow, rule, request_doc)
+            except Exception as e:  # never worse than no proxy: the original answer stays
+                log.warning(
+                    f"{_endpoint(flow)}: repair by rule {rule.name!r} failed, original answer kept: "
+                    f"internal error {_internal_error(e, flow, request_doc)}"
+                )
+                self.health.failed(REPAIRS, e)
+            else:
+                self.health.succeeded(REPAIRS)
+            finally:
+                self._in_flight -= 1
         try:
-            await self._repair(flow, rule, request_doc)
-        except Exception as e:  # never worse than no proxy: the original answer stays
-            log.warning(
-                f"{_endpoint(flow)}: repair by rule {rule.name!r} failed, original answer kept: "
-                f"internal error {_internal_error(e, flow, request_doc)}"
-            )
-            self.health.failed(REPAIRS, e)
-        else:
-            self.health.succeeded(REPAIRS)
-        finally:
-            self._in_flight -= 1
+            self._evidence(flow)
+        except Exception as e:  # the answer passes on as it is whatever happens here
+            log.warning(f"{_endpoint(flow)}: could not classify the answer: {type(e).__name__}: {e}")
 
     def error(self, flow: http.HTTPFlow) -> None:
         if self.tracker is not None:
             self.tracker.write_back(flow.id)  # a send answered but never delivered: still stored
+        meta = flow.metadata.get("ilink_fixproxy") or {}
+        if flow.response is None and "delivery" not in meta and self._send_rule(flow) is not None:
+            # A send mitmproxy forwarded that brought back no answer (reset, timeout)
+            flow.metadata.setdefault("ilink_fixproxy", {})["delivery"] = Delivery.FAILED
+
+    def _send_rule(self, flow: http.HTTPFlow) -> Rule | None:
+        """The rule whose `unconfirmed` option applies to this send, whatever the answer: the
+        first whose filter and request conditions select it, else the first whose filter does
+        (a send without the token the rule repairs is still a send whose delivery counts)."""
+        candidates = self._candidates(flow)
+        if not candidates or flow.request.raw_content is None:
+            return None
+        doc = parse_json_object(flow.request.raw_content)
+        return next((r for r in candidates if request_qualifies(r.match, doc)), candidates[0])
+
+    def _evidence(self, flow: http.HTTPFlow) -> None:
+        """Classify the answer mitmproxy forwarded (repaired or not) for a send a rule selects:
+        journaled and counted as `delivery`; an unconfirmed one is marked, or made a failure."""
+        response = flow.response
+        if response is None or response.raw_content is None:
+            return  # streamed: the answer already went out unread
+        if "delivery" in flow.metadata.get("ilink_fixproxy", {}) or (rule := self._send_rule(flow)) is None:
+            return
+        meta = flow.metadata.setdefault("ilink_fixproxy", {})
+        try:
+            content: bytes | None = response.get_content(strict=True)
+        except ValueError:
+            content = None
+        if not content and response.raw_content:
+            # Bytes that decode to nothing (a broken gzip stream, which mitmproxy 12 reads as
+            # empty instead of failing): not an answer anyone can read, so not "accepted".
+            content = None
+        evidence = policy.delivery(response.status_code, content, parse_json_object(content))
+        meta["delivery"] = evidence
+        if evidence is Delivery.UNCONFIRMED:
+            replaced = StoredAnswer(200, policy.JSON, policy.UNCONFIRMED_FAILURE)
+            mark_unconfirmed(response, rule, replaced if rule.action.unconfirmed == "fail" else None)
+            log.info(
+                f"unconfirmed: {_endpoint(flow)}: iLink accepted it without a message_id; the gateway gets "
+                f"{'a failure' if rule.action.unconfirmed == 'fail' else 'the answer as it came'}"
+            )
 
     # ------------------------------------------------------------------ helpers
 

@@ -74,6 +74,7 @@ FACTS = (
     "rule",
     "handled",
     "attempts",
+    "delivery",
     "status",
     "upstream_ms",
     "added_ms",
@@ -122,6 +123,9 @@ class Exchange:
     error: str | None
     request_doc: dict[str, Any] | None
     response_doc: dict[str, Any] | None
+    # What iLink's answer said about delivery (confirmed, unconfirmed, refused, failed); None:
+    # not a send a rule selects, or no iLink answer was handed back (answered from memory)
+    delivery: str | None = None
 
 
 def _first(doc: dict[str, Any] | None, paths: tuple[tuple[str, ...], ...]) -> Any:
@@ -210,6 +214,7 @@ def summarize(flow: http.HTTPFlow, now: float, bot_of: Any = None) -> Exchange:
         token=token if token_sent else None,
         token_sent=token_sent,
         attempts=attempts,
+        delivery=str(meta["delivery"]) if meta.get("delivery") else None,
         status=flow.response.status_code if flow.response is not None else None,
         upstream_ms=upstream_ms,
         total_ms=total_ms,
@@ -266,6 +271,7 @@ def journal_record(x: Exchange, flow: http.HTTPFlow, *, ids: bool, bodies: bool)
         "rule": x.rule,
         "handled": x.handled,
         "attempts": [_clean_attempt(a) for a in x.attempts],
+        "delivery": x.delivery,
         "status": x.status,
         "upstream_ms": x.upstream_ms,
         "added_ms": x.added_ms,

@@ -310,6 +310,9 @@ class Explained:
     decision: str
     rule: str | None = None
     detail: str = ""
+    # What iLink's answer (the one the gateway would be handed) says about delivery: confirmed,
+    # unconfirmed, refused, failed; None: not a send a rule selects, or answered from memory
+    delivery: str | None = None
 
     @property
     def agrees(self) -> bool | None:
@@ -387,7 +390,7 @@ class Replay:
         if outcome.response is None:
             return None  # live: mitmproxy forwarded it itself (fallback), then the plain rules applied
         note = outcome.response.headers.get("X-Ilink-Fixproxy", "")
-        return Explained(r, outcome.decision, rule.name, note)
+        return Explained(r, outcome.decision, rule.name, note, outcome.delivery)
 
     async def _stateless(self, r: Recorded, candidates: list[Rule], doc: dict[str, Any] | None) -> Explained:
         """The rule without peer_state, as the addon runs it: the same core decides each
@@ -401,7 +404,9 @@ class Replay:
         first_doc = parse_json_object(first.content)
         rule = first_rule(candidates, doc, first.status_code, first_doc)
         if rule is None or doc is None:
-            return self._passed(r)
+            # (every answer to a send a rule's filter selects is classified, as live)
+            evidence = policy.delivery(first.status_code, first.content, first_doc)
+            return Explained(r, "passed", delivery=evidence)
         oracle.token_path = rule.action.remove
         field_name = ".".join(rule.action.remove)
         x = policy.Exchange.forwarded(
@@ -419,15 +424,16 @@ class Replay:
             return oracle.answer("none")  # (Unknown propagates: the answer is not in the capture)
 
         answers = await drive(x, x.next(self.now), reissue, [], lambda: self.now)
-        decision = x.conclude(self.now).decision
+        c = x.conclude(self.now)
+        decision, evidence = c.decision, c.delivery
         if decision is Decision.MATCHED:
             summary = AnswerSummary.of(first.status_code, first.content).short()
-            return Explained(r, decision, rule.name, f"{summary}; not re-issued")
+            return Explained(r, decision, rule.name, f"{summary}; not re-issued", evidence)
         if decision is Decision.REISSUE_FAILED:
-            return Explained(r, decision, rule.name, f"re-issue without {field_name} failed")
+            return Explained(r, decision, rule.name, f"re-issue without {field_name} failed", evidence)
         answer, body = answers[-1]
         now = AnswerSummary.of(answer.status_code, body).short()
-        return Explained(r, decision, rule.name, f"re-issued without {field_name}: {now}")
+        return Explained(r, decision, rule.name, f"re-issued without {field_name}: {now}", evidence)
 
 
 def explain(records: list[Recorded], ruleset: RuleSet) -> list[Explained]:
@@ -478,6 +484,7 @@ def as_dict(e: Explained) -> dict[str, Any]:
         "first": first_answer(e.recorded),
         "would": e.decision,
         "rule": e.rule,
+        "delivery": e.delivery,
         "detail": e.detail,
         "live": e.recorded.live,
         "agrees": e.agrees,
@@ -495,7 +502,17 @@ def render(kind: str, source: Path, ruleset: RuleSet, results: list[Explained]) 
         "",
     ]
     rows = [as_dict(e) for e in results]
-    header = ("time", "endpoint", "peer", "client_id", "token", "iLink first said", "would", "live")
+    header = (
+        "time",
+        "endpoint",
+        "peer",
+        "client_id",
+        "token",
+        "iLink first said",
+        "would",
+        "delivery",
+        "live",
+    )
     table = [header] + [
         (
             r["time"],
@@ -505,6 +522,7 @@ def render(kind: str, source: Path, ruleset: RuleSet, results: list[Explained]) 
             r["token"] or "-",
             r["first"],
             r["would"] + (f" ({r['rule']})" if r["rule"] else ""),
+            r["delivery"] or "-",
             "-" if r["live"] is None else r["live"] + ("" if r["agrees"] is not False else "  <- differs"),
         )
         for r in rows

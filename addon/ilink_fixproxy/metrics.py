@@ -10,6 +10,9 @@ one, so embedding the addon cannot collide with other exporters). Every family i
 - ``repairs_total{outcome}``: sends the proxy changed (re-issued, token substituted or stripped),
   by what the gateway finally got: ``delivered``, ``still_failing``, ``unconfirmed_empty_body``
   (iLink's bare 200 with no body, which it also uses when it silently drops a message);
+- ``send_outcomes_total{outcome}``: sends that reached iLink, by what its answer says about
+  delivery: ``confirmed`` (a message_id), ``unconfirmed`` (accepted without one: empty, ``{}``,
+  ``{"ret":0}``), ``refused``, ``failed`` (no answer);
 - ``added_seconds{endpoint}`` and ``upstream_seconds{endpoint}`` histograms: the time the proxy
   added to an exchange beyond waiting for upstream answers, and each upstream attempt's time;
 - ``state_rows{table}``, ``outbox_depth``, ``outbox_oldest_age_seconds``, ``outbox_total{outcome}``:
@@ -210,6 +213,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.send_outcomes = Counter(
+            f"{PREFIX}_send_outcomes",
+            "Sends that reached iLink, by what its answer says about delivery",
+            ["outcome"],
+            registry=r,
+        )
+        for evidence in ("confirmed", "unconfirmed", "refused", "failed"):
+            self.send_outcomes.labels(evidence)  # present (at 0) from the first scrape
         self.added = Histogram(
             f"{PREFIX}_added_seconds",
             "Time the proxy added to an exchange beyond waiting for upstream answers",
@@ -418,6 +429,8 @@ class Metrics:
         self.added.labels(endpoint).observe(x.added_ms / 1000)
         if (outcome := repair_outcome(x)) is not None:
             self.repairs.labels(outcome).inc()
+        if x.delivery is not None:
+            self.send_outcomes.labels(x.delivery).inc()
 
     def _watch_outbox(self) -> None:
         outbox = getattr(tracker_of(), "outbox", None)

@@ -35,6 +35,7 @@ from .core.model import (
     CountRateLimit,
     Decision,
     Defer,
+    Delivery,
     Effect,
     Go,
     LocalAnswer,
@@ -91,6 +92,9 @@ class Outcome:
     trace: tuple[dict[str, Any], ...] = ()  # one entry per upstream attempt (see attempt_record)
     # What the send taught us, still to be stored (PeerTracker.handle's write_back_later)
     record: Callable[[], None] | None = None
+    # What iLink's answer says about delivery (core Delivery); None: no answer from iLink was
+    # handed back (answered from memory, or mitmproxy forwards it)
+    delivery: str | None = None
 
 
 # Outcome.record, the send's single-flight key and its done future (see PeerTracker.handle)
@@ -501,7 +505,7 @@ class PeerTracker:
             self._apply(send, c.effects, now)
             error = x.errors[-1]
             log.warning(f"sendmessage to {token_hash(send.peer)}: {error}; the gateway gets HTTP 502")
-            return Outcome(_failed_response(rule, error), c.decision, trace=trace)
+            return Outcome(_failed_response(rule, error), c.decision, trace=trace, delivery=c.delivery)
         if x.reissue_failed:
             if x.reissue_transient:
                 log.warning(
@@ -554,11 +558,21 @@ class PeerTracker:
                 f"with context_token {token_hash(send.token)}: {len(answers)} attempt(s) [{tokens}]: "
                 f"{summary_final}"
             )
+        if c.delivery is Delivery.UNCONFIRMED:
+            mark_unconfirmed(final, rule, c.replaced)
+            log.info(
+                f"unconfirmed: sendmessage to peer {token_hash(send.peer)} client_id "
+                f"{send.client_id or '-'}: iLink accepted it without a message_id; the gateway gets "
+                f"{'a failure' if c.replaced else 'the answer as it came'}"
+            )
         record = functools.partial(self._apply, send, effects, now)
         accepted = (
-            c.final is not None and c.final.verdict is Verdict.SUCCESS and decision != Decision.REISSUE_FAILED
+            c.final is not None
+            and c.final.verdict is Verdict.SUCCESS
+            and decision != Decision.REISSUE_FAILED
+            and c.replaced is None
         )
-        outcome = Outcome(final, decision, accepted=accepted, trace=trace, record=record)
+        outcome = Outcome(final, decision, accepted=accepted, trace=trace, record=record, delivery=c.delivery)
         if decision is Decision.WINDOW_CLOSED and ps.on_closed == "defer" and send.peer:
             deferred = self._deferred(
                 rule,
@@ -569,7 +583,9 @@ class PeerTracker:
                 send.via,
                 (final.status_code, final_body),
             )
-            return Outcome(deferred.response, deferred.decision, trace=trace, record=record)
+            return Outcome(
+                deferred.response, deferred.decision, trace=trace, record=record, delivery=c.delivery
+            )
         return outcome
 
     def _deferred(
@@ -649,6 +665,21 @@ async def drive(
                 answers.append((response, content or b""))
         step = x.next(clock())
     return answers
+
+
+def mark_unconfirmed(response: http.Response, rule: Rule, replaced: StoredAnswer | None) -> None:
+    """Say on the answer that iLink accepted the send without a message_id: after the header the
+    decision set, or as `unconfirmed; rule=NAME; ...` when it set none; under `unconfirmed: fail`
+    the body becomes the failure the core chose (status and headers as they came otherwise)."""
+    tail = policy.delivery_note(rule)
+    note = response.headers.get(HEADER)
+    response.headers[HEADER] = f"{note}; {tail}" if note else f"unconfirmed; rule={rule.name}; {tail}"
+    if replaced is not None:
+        response.status_code = replaced.status
+        for k, v in replaced.headers:
+            response.headers[k] = v
+        response.headers.pop("content-encoding", None)
+        response.content = replaced.body
 
 
 def stored_headers(response: http.Response) -> tuple[tuple[str, str], ...]:

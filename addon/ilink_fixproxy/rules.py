@@ -108,8 +108,12 @@ class Action:
     remove: JsonPath
     retries: int
     deadline_s: float
+    # What the gateway gets for a send iLink accepted without a message_id (docs/architecture.md
+    # "Delivery evidence"): the answer as it came, marked ("report"), or a failure ("fail").
+    unconfirmed: str = "report"
 
 
+UNCONFIRMED_CHOICES = ("report", "fail")
 ON_CLOSED_CHOICES = ("answer-locally", "pass-through", "defer")
 DEFER_ANSWER_CHOICES = ("accepted", "error")
 
@@ -591,7 +595,7 @@ class _Parser:
         raise self._fail(node, where, expected)
 
     def _action(self, node: yaml.Node, where: str) -> Action:
-        m = self._mapping(node, where, ("remove", "retries", "deadline_s"), ("remove",))
+        m = self._mapping(node, where, ("remove", "retries", "deadline_s", "unconfirmed"), ("remove",))
         remove = self._json_path(m["remove"], f"{where}.remove")
         retries = self._int(m["retries"], f"{where}.retries", 0, MAX_RETRIES) if "retries" in m else 1
         deadline = 10.0
@@ -612,7 +616,16 @@ class _Parser:
                     f"expected seconds, more than 0 and at most {MAX_DEADLINE_S:g}",
                 )
             deadline = float(value)
-        return Action(remove=remove, retries=retries, deadline_s=deadline)
+        unconfirmed = "report"
+        if "unconfirmed" in m:
+            unconfirmed = self._string(m["unconfirmed"], f"{where}.unconfirmed")
+            if unconfirmed not in UNCONFIRMED_CHOICES:
+                raise self._fail(
+                    m["unconfirmed"],
+                    f"{where}.unconfirmed",
+                    f"{unconfirmed!r} is not one of: {', '.join(UNCONFIRMED_CHOICES)}",
+                )
+        return Action(remove=remove, retries=retries, deadline_s=deadline, unconfirmed=unconfirmed)
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -704,6 +717,16 @@ def describe(ruleset: RuleSet) -> str:
             lines.append(
                 f"    then re-issue it without {'.'.join(a.remove)}, {times}, within {a.deadline_s:g} s "
                 "of the request; if that fails the original answer is kept"
+            )
+        if a.unconfirmed == "fail":
+            lines.append(
+                "    a send iLink accepts without a message_id (unconfirmed) is answered as a failure "
+                '(HTTP 200 {"ret":-1,...}; unconfirmed: fail)'
+            )
+        else:
+            lines.append(
+                "    a send iLink accepts without a message_id (unconfirmed) is handed back as it came, "
+                "marked X-Ilink-Fixproxy: ...delivery=unconfirmed (unconfirmed: report)"
             )
         if rule.peer_state:
             lines.extend("    " + line for line in _describe_peer_state(rule.peer_state, a))

@@ -54,6 +54,10 @@ TYPING_PATH = "/ilink/bot/sendtyping"
 BOT_USER_ID = "fake-bot@im.bot"
 #: First inbound ``message_id``; above 2**53 so that a float round-trip would corrupt it.
 FIRST_MESSAGE_ID = 7489534892789344264
+#: A delivered send's answer: iLink's evidence of delivery is the message_id (above 2**53 too).
+SUCCESS_ANSWER = b'{"ret":0,"message_id":7489534892789345001}'
+#: What iLink answers for a send it accepts and never delivers (a "silent drop").
+SILENT_DROP_ANSWER = b'{"ret":0}'
 
 _HANDSHAKE_TIMEOUT = 10.0  # a client that never finishes TLS must not pin a thread forever
 _IDLE_TIMEOUT = 120.0  # idle keep-alive connections are dropped after this
@@ -576,9 +580,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class FakeILink:
     """A fake iLink server: a stale-token model plus per-path scripted answers.
 
-    ``fresh_tokens``, ``stale_answer``, ``success_answer``, ``tokenless_delivers`` and
-    ``longpoll_seconds`` are plain attributes tests may change at any time; ``reset()`` restores
-    the constructor's values.
+    ``fresh_tokens``, ``stale_answer``, ``success_answer``, ``tokenless_delivers``,
+    ``longpoll_seconds`` and ``dropping_peers`` are plain attributes tests may change at any time;
+    ``reset()`` restores the constructor's values. Sends to a peer in ``dropping_peers`` are
+    answered ``{"ret":0}`` (no message_id) and never delivered, whatever their token.
     """
 
     def __init__(
@@ -588,7 +593,7 @@ class FakeILink:
         host: str = "127.0.0.1",
         port: int = 0,
         stale_answer: bytes = b'{"ret":-2,"errmsg":"prepare failed"}',
-        success_answer: bytes = b"{}",
+        success_answer: bytes = SUCCESS_ANSWER,
         tokenless_delivers: bool = True,
         longpoll_seconds: float = 1.0,
     ) -> None:
@@ -601,6 +606,7 @@ class FakeILink:
         self.tokenless_delivers = tokenless_delivers
         self.longpoll_seconds = longpoll_seconds
         self.fresh_tokens: set[str] = set()
+        self.dropping_peers: set[str] = set()
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the same lock; waits for inbound/stop
@@ -684,6 +690,7 @@ class FakeILink:
             self._scripts.clear()
             self._inbound.clear()
             self.fresh_tokens.clear()
+            self.dropping_peers.clear()
             (self.stale_answer, self.success_answer, self.tokenless_delivers, self.longpoll_seconds) = (
                 self._defaults
             )
@@ -796,6 +803,9 @@ class FakeILink:
                         status=400,
                         body=_json_bytes({"ret": -1, "errmsg": "body must be a JSON object with msg"}),
                     )
+                if msg.get("to_user_id") in self.dropping_peers:
+                    record("dropped-silently")
+                    return Answer(body=SILENT_DROP_ANSWER, headers=ok)
                 if self._deliver(msg, token, client_id, body):
                     record("delivered")
                     return Answer(body=self.success_answer, headers=ok)

@@ -47,6 +47,17 @@ class Verdict(StrEnum):
     LOST = "lost"  # no answer: sent, fate unknown
 
 
+class Delivery(StrEnum):
+    """What one sendmessage answer says about delivery (docs/architecture.md "Delivery evidence").
+    Only a `message_id` is evidence of delivery: iLink answers `{"ret":0}` without one for sends
+    it accepted and never delivered."""
+
+    CONFIRMED = "confirmed"  # HTTP 200, ret/errcode 0 or absent, and a message_id
+    UNCONFIRMED = "unconfirmed"  # HTTP 200, ret/errcode 0 or absent, no message_id (empty, {})
+    REFUSED = "refused"  # any other answer: ret/errcode not 0, not HTTP 200, not a JSON object
+    FAILED = "failed"  # no answer at all (reset, timeout)
+
+
 @dataclass(frozen=True)
 class StoredAnswer:
     status: int

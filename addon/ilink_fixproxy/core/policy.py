@@ -21,6 +21,7 @@ from .model import (
     CountRateLimit,
     Decision,
     Defer,
+    Delivery,
     Effect,
     Gate,
     Go,
@@ -37,6 +38,15 @@ from .model import (
 )
 
 TEXT_PLAIN = (("Content-Type", "text/plain"),)
+JSON = (("Content-Type", "application/json"),)
+# What the gateway gets for an unconfirmed send under `unconfirmed: fail`: HTTP 200 so that it
+# reads the body, and ret -1 because both gateways treat a non-zero ret as a failed send
+# (openclaw-weixin throws on a truthy ret other than 0, hermes on ret != 0) and -1 is the code
+# iLink uses for a generic failure, not one the rules take for a stale token (-14, -2).
+UNCONFIRMED_ERRMSG = (
+    "ilink-fixproxy: iLink accepted the send without a message_id: not delivered (unconfirmed)"
+)
+UNCONFIRMED_FAILURE = json.dumps({"ret": -1, "errmsg": UNCONFIRMED_ERRMSG}, separators=(",", ":")).encode()
 
 
 def _zero(value: Any) -> bool:
@@ -59,6 +69,30 @@ def classify(rule: Rule, status: int, content: bytes | None, doc: dict[str, Any]
     return Verdict.TRANSIENT
 
 
+def delivery(status: int, content: bytes | None, doc: dict[str, Any] | None) -> Delivery:
+    """What a sendmessage answer says about delivery. `content` is the decoded body (None: it
+    could not be decoded), `doc` the body as a JSON object. Only a message_id is evidence: an
+    accepted send without one (empty body, `{}`, `{"ret":0}`) is unconfirmed. The message_id
+    is only tested for presence, never converted (a uint64 would lose digits as a float)."""
+    if status != 200 or content is None:
+        return Delivery.REFUSED
+    if not content:
+        return Delivery.UNCONFIRMED
+    if doc is None or not (_zero(doc.get("ret")) and _zero(doc.get("errcode"))):
+        return Delivery.REFUSED
+    mid = doc.get("message_id")
+    if (isinstance(mid, str) and mid) or (isinstance(mid, int) and not isinstance(mid, bool)):
+        return Delivery.CONFIRMED
+    return Delivery.UNCONFIRMED
+
+
+def delivery_note(rule: Rule) -> str:
+    """The tail of the X-Ilink-Fixproxy header on an unconfirmed answer: after the decision's own
+    note, or after `unconfirmed; rule=NAME` when the proxy had nothing else to say."""
+    handed = "failure" if rule.action.unconfirmed == "fail" else "as-is"
+    return f"delivery=unconfirmed; handed={handed}"
+
+
 def gate(snap: Snapshot, rule: Rule, now: float) -> Gate:
     """Answer from memory, defer, or go upstream (and with how many attempts already used)."""
     ps = _ps(rule)
@@ -68,6 +102,9 @@ def gate(snap: Snapshot, rule: Rule, now: float) -> Gate:
     if m is not None:
         if m.state is MessageState.ACCEPTED and m.answer is not None:
             note = f"replayed; rule={rule.name}; iLink already accepted this client_id"
+            body = m.answer.body
+            if delivery(m.answer.status, body, _object(body)) is Delivery.UNCONFIRMED:
+                note += "; delivery=unconfirmed; handed=as-is"  # (a `fail` send is not accepted)
             return LocalAnswer(Decision.REPLAYED, m.answer.status, m.answer.body, note, m.answer.headers)
         if m.attempts >= ps.max_attempts:
             # An attempt whose outcome is unknown is still an attempt: never one more.
@@ -152,6 +189,7 @@ class Tried:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     doc: dict[str, Any] | None
+    delivery: Delivery = Delivery.REFUSED
 
 
 @dataclass(frozen=True)
@@ -160,6 +198,10 @@ class Conclusion:
     final: Tried | None  # None: no answer to hand back (upstream failed, or fallback)
     effects: tuple[Effect, ...]
     kinds: tuple[str, ...]  # the token kind of each answered attempt, for the header and log
+    # What iLink's final answer says about delivery (None: fallback, mitmproxy forwards it)
+    delivery: Delivery | None = None
+    # Under `unconfirmed: fail`, the answer the gateway gets instead of iLink's (None: iLink's)
+    replaced: StoredAnswer | None = None
 
 
 @dataclass
@@ -247,7 +289,10 @@ class Exchange:
         first = not self.tried and self.made == 1
         unusable = None if first else unusable_reissue_answer(status, content, doc)
         if unusable is None:
-            self.tried.append(Tried(self.tokens_sent[-1], verdict, status, headers, content or b"", doc))
+            evidence = delivery(status, content, doc)
+            self.tried.append(
+                Tried(self.tokens_sent[-1], verdict, status, headers, content or b"", doc, evidence)
+            )
         else:
             # A re-issue answered with something we cannot hand back (5xx, non-JSON, cut short):
             # the caller keeps the earlier answer, and nothing is learnt from it. It reached
@@ -320,13 +365,16 @@ class Exchange:
     def conclude(self, now: float) -> Conclusion:
         kinds = tuple(token_kind(t.token, self.token) for t in self.tried)
         if self.stateless:
-            return Conclusion(self._stateless_decision(), self.tried[-1], (), kinds)
+            final = self.tried[-1]
+            replaced = self._replacement(final)
+            return Conclusion(self._stateless_decision(), final, (), kinds, final.delivery, replaced)
         ps = _ps(self.rule)
         attempts = self.prior + self.made
         if not self.tried:
             decision = Decision.FALLBACK if self.fallback else Decision.UPSTREAM_FAILED
             settle = SettleMessage(MessageRecord(MessageState.UNKNOWN, attempts))
-            return Conclusion(decision, None, (settle,), kinds)
+            evidence = None if self.fallback else Delivery.FAILED
+            return Conclusion(decision, None, (settle,), kinds, evidence)
         first, final = self.tried[0], self.tried[-1]
         effects: list[Effect] = []
         decision = self.first_decision
@@ -367,8 +415,19 @@ class Exchange:
         else:
             state = MessageState.TRANSIENT  # handed back as it came; nothing learnt from it
         answer = StoredAnswer(final.status, final.headers, final.body)
+        replaced = self._replacement(final)
+        if replaced is not None:
+            # `unconfirmed: fail`: the gateway is told it failed, so it may send it again; that
+            # retry goes upstream (not a replay of the failure), within max_attempts, after
+            # which it is answered with the same failure (docs/architecture.md).
+            state, answer = MessageState.TRANSIENT, replaced
         effects.append(SettleMessage(MessageRecord(state, attempts, answer)))
-        return Conclusion(decision, final, tuple(effects), kinds)
+        return Conclusion(decision, final, tuple(effects), kinds, final.delivery, replaced)
+
+    def _replacement(self, final: Tried) -> StoredAnswer | None:
+        if final.delivery is Delivery.UNCONFIRMED and self.rule.action.unconfirmed == "fail":
+            return StoredAnswer(200, JSON, UNCONFIRMED_FAILURE)
+        return None
 
     def _stateless_decision(self) -> Decision:
         """Without peer_state: nothing to remember, only what the caller is handed."""
@@ -396,6 +455,14 @@ def unusable_reissue_answer(status: int, content: bytes | None, doc: dict[str, A
     if content and doc is None:
         return "answer was not a JSON object"
     return None
+
+
+def _object(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _state_of(verdict: Verdict) -> MessageState:
