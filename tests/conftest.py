@@ -188,7 +188,7 @@ def peer_proxy(
         "--rules",
         str(ROOT / "rules.yaml"),
     ) as p:
-        assert "peer state in" in p.output  # the shipped rules really run with peer state
+        assert p.wait_output("peer state in")  # the shipped rules really run with peer state
         p.confdir = conf  # type: ignore[attr-defined]
         yield p
 

@@ -184,7 +184,7 @@ def test_the_command_honours_save_stream_file_flow_detail_and_proxyauth(
         with httpx.Client(trust_env=False, timeout=30) as c:
             r = c.post(p.url + SEND, content=send_body(STALE), headers=HEADERS)
         assert r.status_code == 200
-        assert "POST" in p.output and SEND in p.output  # the dumper's flow line
+        assert p.wait_output("POST") and p.wait_output(SEND)  # the dumper's flow line
     assert flows.stat().st_size > 0
     with (
         start_proxy(

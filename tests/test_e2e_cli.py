@@ -58,7 +58,7 @@ def test_rules_yaml_in_the_working_directory_is_used(fake, pki, tmp_path: Path):
         *upstream_args(fake, pki, tmp_path / "c"),
         cwd=tmp_path,
     ) as p:
-        assert "rules: rules.yaml (1 rule)" in p.output
+        assert p.wait_output("rules: rules.yaml (1 rule)")
 
 
 def test_bad_rules_file_is_one_clear_line(tmp_path: Path):

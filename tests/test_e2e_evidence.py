@@ -43,7 +43,7 @@ def proxy_with(
     state = ("--state", ":memory:") if peer_state else ()
     args = (*upstream_args(fake, pki, tmp_path / "conf"), "--rules", str(rules), *state)
     with start_proxy(*args, "--metrics", "127.0.0.1:0", "--capture", str(cap)) as p:
-        assert ("peer state in" in p.output) is peer_state
+        assert ("peer state in" in p.output) is peer_state  # (printed before the start line)
         m = re.search(r"metrics on (http://\S+)/metrics", p.output)
         assert m, p.output
         yield p, m.group(1), cap

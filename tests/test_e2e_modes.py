@@ -48,7 +48,7 @@ def forward(fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempP
 
 
 def test_forward_mode_repairs_listed_hosts_through_our_ca(forward, fake: FakeILink):
-    assert "forward mode, TLS intercepted only for localhost" in forward.output
+    assert forward.wait_output("forward mode, TLS intercepted only for localhost")
     ca = forward.confdir / "mitmproxy-ca-cert.pem"
     with httpx.Client(proxy=forward.url, verify=tls_context(ca), trust_env=False, timeout=30) as c:
         r = c.post(fake.url + SEND, content=send_body(STALE), headers=HEADERS)
@@ -176,7 +176,7 @@ def test_deadline_hands_back_the_original_when_the_reissue_is_too_slow(
     assert r.content == b'{"ret":-2,"errmsg":"prepare failed"}'
     assert "x-ilink-fixproxy" not in r.headers
     assert took < 3.5, f"the caller was held {took:.1f} s past a 1.5 s deadline"
-    assert "no answer within" in p.output
+    assert p.wait_output("no answer within")
 
 
 def test_no_reissue_when_the_first_answer_already_used_the_deadline(

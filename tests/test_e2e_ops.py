@@ -124,7 +124,7 @@ def test_sigterm_lets_an_in_flight_repair_finish(fake: FakeILink, pki: TestPKI, 
         "--rules",
         str(ROOT / "rules.yaml"),
     ) as again:
-        assert "listening on" in again.output
+        assert again.wait_output("listening on")
 
 
 def test_loopback_by_default_and_a_warning_when_exposed(tmp_path: Path):
@@ -133,12 +133,12 @@ def test_loopback_by_default_and_a_warning_when_exposed(tmp_path: Path):
         assert "WARNING" not in p.output
     with ProxyProcess(ilink_fixproxy_argv("--listen", "0.0.0.0:0", "--confdir", str(tmp_path / "c2"))) as p:
         wait_for(lambda: "WARNING" in p.output)
-        assert "reverse mode: anyone who reaches it" in p.output
+        assert p.wait_output("reverse mode: anyone who reaches it")
     with ProxyProcess(
         ilink_fixproxy_argv("--listen", "0.0.0.0:0", "--mode", "forward", "--confdir", str(tmp_path / "c3"))
     ) as p:
         wait_for(lambda: "WARNING" in p.output)
-        assert "add --proxy-auth USER:PASS" in p.output
+        assert p.wait_output("add --proxy-auth USER:PASS")
     with ProxyProcess(
         ilink_fixproxy_argv(
             "--listen",

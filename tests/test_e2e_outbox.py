@@ -93,7 +93,7 @@ def test_queued_while_closed_then_delivered_in_order_with_the_fresh_token(fake, 
         assert all(g >= 0.25 for g in gaps), gaps  # paced
         time.sleep(0.5)
         assert len(fake.deliveries) == 3  # each exactly once
-        assert "delivered-late" in p.output
+        assert p.wait_output("delivered-late")
 
 
 def test_flush_is_capped_and_the_rest_waits_for_the_next_inbound(fake, pki, tmp_path: Path):

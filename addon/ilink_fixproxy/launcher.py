@@ -95,6 +95,17 @@ class ProxyProcess:
         with self._lock:
             return "".join(self._lines)
 
+    def wait_output(self, *texts: str, timeout: float = 15.0) -> bool:
+        """Whether one of `texts` appears in the output within `timeout`. The output reaches us through a
+        pipe read by a thread, so a line the proxy logged before (or right after) answering may
+        still be on its way when the answer has arrived: wait for it rather than look once."""
+        end = time.monotonic() + timeout
+        while not any(text in self.output for text in texts):
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.02)
+        return True
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM (graceful), then SIGKILL after `timeout`; returns the exit status."""
         if self.proc.poll() is None:
