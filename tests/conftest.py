@@ -147,6 +147,20 @@ def start_mitmdump(*args: str) -> ProxyProcess:
     return ProxyProcess(argv, ready=READY_MITMDUMP)
 
 
+# The real command, with a fault injected first (`source`, written to DIR/fault.py and imported
+# before the command runs): an internal failure cannot be provoked from outside, which is what
+# makes it internal. Test code only: the proxy itself has no switch for it.
+FAULT_LAUNCH = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); import fault; "
+    "from ilink_fixproxy.cli import main; sys.exit(main())"
+)
+
+
+def argv_with_fault(directory: Path, source: str, *args: str) -> list[str]:
+    (directory / "fault.py").write_text(source)
+    return [sys.executable, "-c", FAULT_LAUNCH, str(directory), *args]
+
+
 def core_rules(directory: Path, *, deadline: float | None = None) -> Path:
     """The shipped rules without their peer_state section: the plain re-issue, no memory between
     requests, so tests sharing one proxy cannot influence each other; optionally another deadline."""

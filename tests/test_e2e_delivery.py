@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import resource
 import secrets
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ from conftest import ROOT, SEND, Gateway, core_rules, sends_to, start_proxy, ups
 from ilink_fixproxy.launcher import ProxyProcess
 from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
+from test_e2e_faults import wait_for
 
 STALE_ANSWER = b'{"ret":-2,"errmsg":"prepare failed"}'
 
@@ -31,15 +31,6 @@ def peer_rules(directory: Path, **peer_state: object) -> Path:
     path = directory / f"rules-{secrets.token_hex(3)}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def deliveries_to(fake: FakeILink, gw: Gateway) -> list:

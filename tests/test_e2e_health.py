@@ -1,8 +1,8 @@
 """End to end: `/healthz` (on `--metrics`) and `python -m ilink_fixproxy.healthcheck` turn unhealthy
 when the proxy cannot do its job, and healthy again when the condition clears: the state file
 gone, the state store failing on use, the event loop stuck, repairs failing for internal
-reasons. Each condition is a real one made in the real proxy process, except the last, made with
-the documented test-only fault switch (ILINK_FIXPROXY_TEST_FAULTS)."""
+reasons. Each condition is a real one made in the real proxy process, except the last, made by a
+fault injected into the real command (conftest.argv_with_fault)."""
 
 from __future__ import annotations
 
@@ -15,20 +15,37 @@ import threading
 from pathlib import Path
 
 import httpx
-from conftest import HEADERS, ROOT, SEND, Gateway, core_rules, send_body, upstream_args
+from conftest import HEADERS, ROOT, SEND, Gateway, argv_with_fault, core_rules, send_body, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
-from ilink_fixproxy.reissue import TEST_FAULT_HEADER
 from ilink_fixproxy.sandbox import FakeILink, TestPKI
 from test_e2e_faults import wait_for
 
 STALE = "AARzJWAFAAABAAAAAAA-stale-token-health"
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> ProxyProcess:
-    return ProxyProcess(
-        ilink_fixproxy_argv("--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", *args),
-        env=clean_env(env),
-    )
+def start(
+    *args: str, env: dict[str, str] | None = None, fault: tuple[Path, str] | None = None
+) -> ProxyProcess:
+    args = ("--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", *args)
+    argv = argv_with_fault(*fault, *args) if fault else ilink_fixproxy_argv(*args)
+    return ProxyProcess(argv, env=clean_env(env))
+
+
+# The re-issue raises the bare AssertionError of CPython's eager-task race (Python 3.12.1) while
+# the flag file exists.
+REISSUE_FAULT = """
+from pathlib import Path
+from ilink_fixproxy import netbackend
+
+_connect = netbackend.connect_tcp
+
+async def connect_tcp(host, port):
+    if (Path(__file__).parent / "broken").exists():
+        raise AssertionError
+    return await _connect(host, port)
+
+netbackend.connect_tcp = connect_tcp
+"""
 
 
 def health_url(p: ProxyProcess) -> str:
@@ -156,14 +173,14 @@ def test_repairs_failing_internally_are_unhealthy_until_one_succeeds(
             *upstream_args(fake, pki, tmp_path / "conf"),
             "--rules",
             str(core_rules(tmp_path)),
-            env={"ILINK_FIXPROXY_TEST_FAULTS": "1"},
+            fault=(tmp_path, REISSUE_FAULT),
         ) as p,
         httpx.Client(trust_env=False, timeout=30) as c,
     ):
         assert wait_for(lambda: health(p) == (200, "ok\n"))
-        broken = c.post(
-            p.url + SEND, content=send_body(STALE), headers={**HEADERS, TEST_FAULT_HEADER: "reissue"}
-        )
+        (tmp_path / "broken").touch()
+        broken = c.post(p.url + SEND, content=send_body(STALE), headers=HEADERS)
+        (tmp_path / "broken").unlink()
         assert broken.json()["ret"] == -2  # the original answer kept
         status, text = health(p)
         assert status == 503

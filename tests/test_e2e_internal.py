@@ -4,28 +4,17 @@ when a repair fails for a reason of the proxy's own."""
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from conftest import BOT_TOKEN, HEADERS, SEND, core_rules, send_body, upstream_args
+from conftest import BOT_TOKEN, HEADERS, SEND, argv_with_fault, core_rules, send_body, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess
 from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import FakeILink, TestPKI
 
 STALE = "AARzJWAFAAABAAAAAAA-stale-token-internal"
 TEXT = "cron: daily report"  # send_body's message text
-
-
-def wait_for(proxy: ProxyProcess, needle: str) -> str:
-    """The proxy's output once `needle` is in it (log lines are written after the answer)."""
-    for _ in range(200):
-        if needle in proxy.output:
-            return proxy.output
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} never appeared in the proxy's output:\n{proxy.output}")
 
 
 def test_a_repair_reaches_an_upstream_named_by_host_name(proxy, fake: FakeILink, client: httpx.Client):
@@ -51,20 +40,18 @@ async def connect_tcp(host, port):
 netbackend.connect_tcp = connect_tcp
 """
 
-# The real command, with one fault injected first: an internal failure cannot be provoked from
-# outside (that is what makes it internal), so the re-issue's connect raises like asyncio's did.
-LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); import fault; from ilink_fixproxy.cli import main; sys.exit(main())"
+# The re-issue's connect raises like asyncio's did (see conftest.argv_with_fault).
 
 
 def test_an_internal_failure_of_a_repair_is_one_clear_line_without_secrets(
     fake: FakeILink, pki: TestPKI, tmp_path: Path, client: httpx.Client
 ):
-    (tmp_path / "fault.py").write_text(FAULT)
-    argv = [sys.executable, "-c", LAUNCH, str(tmp_path), "--listen", "127.0.0.1:0"]
+    argv = argv_with_fault(tmp_path, FAULT, "--listen", "127.0.0.1:0")
     argv += [*upstream_args(fake, pki, tmp_path), "--rules", str(core_rules(tmp_path))]
     with ProxyProcess(argv) as proxy:
         r = client.post(proxy.url + SEND, content=send_body(STALE), headers=HEADERS)
-        output = wait_for(proxy, "original answer kept")
+        assert proxy.wait_output("original answer kept"), proxy.output
+        output = proxy.output
 
     assert r.content == fake.stale_answer  # the gateway keeps iLink's own answer
     [line] = [line for line in output.splitlines() if "original answer kept" in line]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import ssl
 import time
 from collections import deque
@@ -54,13 +53,6 @@ def _core_target(url: httpx.URL) -> tuple[httpcore.Origin, httpcore.URL]:
     core_url = httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path)
     return core_url.origin, core_url
 
-
-# Tests only (tests/test_e2e_health.py), documented in the README: with
-# ILINK_FIXPROXY_TEST_FAULTS=1 in the proxy's environment, a request carrying the header below
-# with the value "reissue" makes its re-issue raise the bare AssertionError that CPython's
-# asyncio.staggered raised under eager tasks (issue 12 item 1): an internal failure of repairs.
-TEST_FAULT_HEADER = "X-Ilink-Fixproxy-Test-Fault"
-_TEST_FAULTS = os.environ.get("ILINK_FIXPROXY_TEST_FAULTS") == "1"
 
 # Upstream connections per upstream (origin or upstream proxy): at most, kept idle, and how long
 # an idle one is kept (httpx's own defaults: 100, 20, 5 s).
@@ -308,8 +300,6 @@ class Reissuer:
         mitmproxy's own forwarding passes a larger cap, since mitmproxy would not refuse it.
         """
         limit = max_bytes or self.max_answer_bytes
-        if _TEST_FAULTS and request.headers.get(TEST_FAULT_HEADER) == "reissue":
-            raise AssertionError
         if timeout <= 0:
             raise ReissueError("no time left before the deadline", sent=False)
         headers = [
