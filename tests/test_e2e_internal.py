@@ -63,3 +63,30 @@ def test_an_internal_failure_of_a_repair_is_one_clear_line_without_secrets(
     for secret in (STALE, TEXT, BOT_TOKEN, BOT_TOKEN.split(":")[1]):
         assert secret not in output
     assert "Traceback" not in output
+
+
+CLASSIFY_FAULT = f"""
+from ilink_fixproxy.core import policy
+
+def delivery(status, content, doc):
+    raise ValueError("cannot classify {STALE!s} ({TEXT!s}) for {BOT_TOKEN!s}")
+
+policy.delivery = delivery
+"""
+
+
+def test_a_failure_to_classify_an_answer_passes_it_on_and_logs_no_secret(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path, client: httpx.Client
+):
+    argv = argv_with_fault(tmp_path, CLASSIFY_FAULT, "--listen", "127.0.0.1:0")
+    argv += [*upstream_args(fake, pki, tmp_path), "--rules", str(core_rules(tmp_path))]
+    with ProxyProcess(argv) as proxy:
+        r = client.post(proxy.url + SEND, content=send_body(STALE), headers=HEADERS)
+        assert proxy.wait_output("could not classify the answer"), proxy.output
+        output = proxy.output
+
+    assert r.content == fake.stale_answer  # iLink's own answer passes on (the repair hit the fault too)
+    [line] = [line for line in output.splitlines() if "could not classify the answer" in line]
+    assert f"ValueError: cannot classify {token_hash(STALE)} ({token_hash(TEXT)})" in line
+    for secret in (STALE, TEXT, BOT_TOKEN, BOT_TOKEN.split(":")[1]):
+        assert secret not in output

@@ -403,7 +403,8 @@ class IlinkFixProxy:
         try:
             self._evidence(flow)
         except Exception as e:  # the answer passes on as it is whatever happens here
-            log.warning(f"{_endpoint(flow)}: could not classify the answer: {type(e).__name__}: {e}")
+            doc = selected[1] if selected else parse_json_object(flow.request.get_content(strict=False)) or {}
+            log.warning(f"{_endpoint(flow)}: could not classify the answer: {_internal_error(e, flow, doc)}")
 
     def error(self, flow: http.HTTPFlow) -> None:
         if self.tracker is not None:
