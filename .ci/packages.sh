@@ -21,6 +21,6 @@ made_policy=
 if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
 fi
-trap '[ -n "$made_policy" ] && rm -f "$policy"' EXIT
+trap 'if [ -n "$made_policy" ]; then rm -f "$policy"; fi' EXIT
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
