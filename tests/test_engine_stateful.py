@@ -144,18 +144,18 @@ class FaultyStore:
         }
     )
 
-    def __init__(self, inner: state_mod.StateStore) -> None:
-        self.inner = inner
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner  # a ports.Store
         self.failing = False
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
         if name in self._WRITES:
 
-            def write(*args: Any, **kwargs: Any) -> Any:
+            async def write(*args: Any, **kwargs: Any) -> Any:
                 if self.failing:
                     raise sqlite3.OperationalError("database or disk is full")
-                return attr(*args, **kwargs)
+                return await attr(*args, **kwargs)
 
             return write
         return attr
@@ -175,9 +175,10 @@ class EngineMachine(RuleBasedStateMachine):
         self.memory_only: set[str] = set()  # attempted while the store failed
         self.forgotten: set[str] = set()  # ... and then restarted: nothing promised for them
         self.killed: set[str] = set()  # sent while the process was killed
+        self.pending: set[asyncio.Future[None]] = set()
 
     def _open_store(self) -> FaultyStore:
-        return FaultyStore(state_mod.StateStore(str(self.dir / "state.sqlite3")))
+        return FaultyStore(state_mod.SqliteStore(state_mod.StateStore(str(self.dir / "state.sqlite3"))))
 
     def _tracker(self) -> PeerTracker:
         # (`clock` is new with the core; without it the same machine drives the engine before it)
@@ -186,7 +187,7 @@ class EngineMachine(RuleBasedStateMachine):
         return PeerTracker(self.store, self.upstream)  # type: ignore[arg-type]
 
     def teardown(self) -> None:
-        self.store.inner.close()
+        self.loop.run_until_complete(self.store.inner.aclose())
         self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -216,12 +217,13 @@ class EngineMachine(RuleBasedStateMachine):
             return
         if outcome.decision == "replayed":
             self.replays.append((cid, outcome.response.content or b""))
-        self.loop.call_soon(self.tracker.write_back, flow.id)  # as the addon's response hook
+        self.pending.add(asyncio.ensure_future(self.tracker.write_back(flow.id)))  # as the addon's response hook
 
     def _run(self, *coros: Any) -> None:
         async def main() -> None:
             await asyncio.gather(*coros)
-            await asyncio.sleep(0)  # the write-backs scheduled by the sends
+            await asyncio.gather(*self.pending)  # the write-backs scheduled by the sends
+            self.pending.clear()
 
         self.loop.run_until_complete(main())
 
@@ -248,7 +250,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         """A graceful restart: what is pending is written back, memory is dropped."""
-        self.tracker.write_back()
+        self.loop.run_until_complete(self.tracker.write_back())
         self._reopen()
 
     @rule(cid=st.sampled_from(CLIENT_IDS), token=st.booleans())
@@ -275,9 +277,18 @@ class EngineMachine(RuleBasedStateMachine):
         self.upstream.held.clear()
         self._reopen()
 
+    async def _drop(self, tracker: PeerTracker) -> None:
+        """The process is gone: nothing more is written, its connections close."""
+        for task in getattr(tracker, "_leases", {}).values():
+            task.cancel()
+        await self.store.inner.aclose()
+
     def _reopen(self) -> None:
         failing = self.store.failing
-        self.store.inner.close()
+        for task in self.pending:  # killed: its write-backs never ran
+            task.cancel()
+        self.pending.clear()
+        self.loop.run_until_complete(self._drop(self.tracker))
         self.forgotten |= self.memory_only
         self.store = self._open_store()
         self.store.failing = failing

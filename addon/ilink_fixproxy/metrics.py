@@ -382,13 +382,17 @@ class Metrics:
         return done.result(_LOOP_TIMEOUT_S)
 
     def state_counts(self) -> dict[str, Any]:
-        def read() -> dict[str, Any]:
+        async def read() -> dict[str, Any]:
             tracker = tracker_of()
             if tracker is None:
                 return {}
-            return {"rows": tracker.store.counts(), "outbox": tracker.store.outbox_stats(time.time())}
+            store = tracker.store
+            return {"rows": await store.counts(), "outbox": await store.outbox_stats(time.time())}
 
-        return self.on_loop(read)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the proxy is not running")
+        return asyncio.run_coroutine_threadsafe(read(), loop).result(_LOOP_TIMEOUT_S)
 
     # ------------------------------------------------------------------ counting
 
