@@ -217,7 +217,9 @@ class EngineMachine(RuleBasedStateMachine):
             return
         if outcome.decision == "replayed":
             self.replays.append((cid, outcome.response.content or b""))
-        self.pending.add(asyncio.ensure_future(self.tracker.write_back(flow.id)))  # as the addon's response hook
+        self.pending.add(
+            asyncio.ensure_future(self.tracker.write_back(flow.id))
+        )  # as the addon's response hook
 
     def _run(self, *coros: Any) -> None:
         async def main() -> None:

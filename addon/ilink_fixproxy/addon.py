@@ -648,8 +648,12 @@ def _filters_read_request_line_only(ruleset: RuleSet) -> bool:
 def open_store(path: str) -> Any:  # -> ports.Store
     """The store `--state` names: a Redis URL (shared by replicas) or a SQLite file. StateError,
     saying what to do, when it cannot be used."""
-    if path.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(path):
         from . import store_redis
 
         return store_redis.RedisStore.from_url(path)
     return state_mod.SqliteStore(state_mod.StateStore(path))
+
+
+def is_redis_url(path: str) -> bool:
+    return path.startswith(("redis://", "rediss://"))

@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help="peer-state file for rules with peer_state (default: ilink-fixproxy-state.sqlite3 in the "
-        "confdir; ':memory:' keeps nothing across restarts)",
+        "confdir; ':memory:' keeps nothing across restarts), or redis://[:PASSWORD@]HOST:PORT/DB "
+        "(rediss:// for TLS) for a store shared by several replicas, which needs "
+        "ILINK_FIXPROXY_STATE_KEY (default: ILINK_FIXPROXY_REDIS_URL when set)",
     )
     parser.add_argument(
         "--proxy-auth",
@@ -207,7 +209,8 @@ def _state_file_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         default=None,
         dest="state_path",
-        help="state file (default: the one in --confdir)",
+        help="state file or redis:// URL (default: ILINK_FIXPROXY_REDIS_URL when set, else the file "
+        "in --confdir)",
     )
     parser.add_argument(
         "--confdir",
@@ -817,9 +820,19 @@ def check_state_free(s: Settings) -> None:
 
     if not (s.ruleset.uses_peer_state or s.defer):
         return
-    path = set_option_value(s.setoptions, "ilink_state") or s.state or state_mod.default_path(str(s.confdir))
+    path = (
+        set_option_value(s.setoptions, "ilink_state")
+        or s.state
+        or os.environ.get("ILINK_FIXPROXY_REDIS_URL")
+        or state_mod.default_path(str(s.confdir))
+    )
+    from .addon import is_redis_url, open_store
+
     try:
-        state_mod.StateStore(path).close()
+        if is_redis_url(path):  # the URL and ILINK_FIXPROXY_STATE_KEY (Redis may be down: fine)
+            asyncio.run(open_store(path).aclose())
+        else:
+            state_mod.StateStore(path).close()
     except state_mod.StateError as e:
         raise UsageError(str(e)) from None
 
@@ -903,18 +916,20 @@ def open_state_for_command(path: str | None, confdir: str | None):  # -> ports.S
     import os
 
     from . import state as state_mod
-    from .addon import open_store
+    from .addon import is_redis_url, open_store
 
     file = (
         path
         or os.environ.get("ILINK_FIXPROXY_REDIS_URL")
         or state_mod.default_path(confdir or DEFAULT_CONFDIR)
     )
-    if file.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(file):
         try:
-            return open_store(file)
+            store = open_store(file)
         except state_mod.StateError as e:
             raise UsageError(str(e)) from None
+        store.log_failures = False  # (a failure ends the command in one line: _run_store_command)
+        return store
     if file != state_mod.MEMORY and not Path(file).exists():
         raise UsageError(f"no state file at {file} (the proxy creates it on start; see --state)")
     try:

@@ -270,6 +270,7 @@ class RedisStore:
         self.up: bool | None = None  # None until the first call
         self.unavailable: Counter[str] = Counter()
         self._logged: dict[str, float] = {}
+        self.log_failures = True  # the `state`/`outbox` commands say it in their own one line
         self._scripts = {
             name: client.register_script(src)
             for name, src in (
@@ -314,7 +315,7 @@ class RedisStore:
         self.up = False
         self.unavailable[operation] += 1
         now = time.monotonic()
-        if now - self._logged.get(operation, -LOG_INTERVAL_S) >= LOG_INTERVAL_S:
+        if self.log_failures and now - self._logged.get(operation, -LOG_INTERVAL_S) >= LOG_INTERVAL_S:
             self._logged[operation] = now
             log.warning(
                 f"peer state: Redis {self.path} unavailable for {operation} ({type(e).__name__}: {e}); "
