@@ -144,8 +144,9 @@ class FaultyStore:
         }
     )
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, error: type[Exception] = sqlite3.OperationalError) -> None:
         self.inner = inner  # a ports.Store
+        self.error = error  # what this store raises when it cannot write
         self.failing = False
 
     def __getattr__(self, name: str) -> Any:
@@ -154,7 +155,7 @@ class FaultyStore:
 
             async def write(*args: Any, **kwargs: Any) -> Any:
                 if self.failing:
-                    raise sqlite3.OperationalError("database or disk is full")
+                    raise self.error("database or disk is full")
                 return await attr(*args, **kwargs)
 
             return write
@@ -337,3 +338,60 @@ EngineMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestEngine = EngineMachine.TestCase
+
+
+# ---------------------------------------------------------------------------- the Redis store
+
+
+class RedisEngineMachine(EngineMachine):
+    """The same machine with the shared Redis store (store_redis.RedisStore) behind the engine:
+    a real redis-server, emptied for each example; a failing store is Redis refusing
+    connections; a process killed mid-exchange leaves its lease, which the next step finds
+    expired (the lease's TTL is real time, the engine's clock is not: the key is removed)."""
+
+    url = ""
+
+    def _open_store(self) -> FaultyStore:
+        import redis
+        from ilink_fixproxy.store_redis import RedisStore
+        from redis_helpers import STATE_KEY
+
+        if not hasattr(self, "store"):  # a new example: an empty Redis
+            with redis.Redis.from_url(self.url) as r:
+                r.flushdb()
+        store = RedisStore.from_url(self.url, {"ILINK_FIXPROXY_STATE_KEY": STATE_KEY})
+        return FaultyStore(store, redis.exceptions.ConnectionError)
+
+    async def _drop(self, tracker: PeerTracker) -> None:
+        await super()._drop(tracker)
+        import redis
+
+        with redis.Redis.from_url(self.url) as r:
+            for key in r.scan_iter(match="ilfp:l:*"):
+                r.delete(key)  # its holder died: the lease has expired by the next send
+
+
+class TestEngineRedis(RedisEngineMachine.TestCase):  # type: ignore[name-defined,misc]
+    settings = settings(
+        max_examples=300,
+        stateful_step_count=15,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    server: Any = None
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        from redis_helpers import RedisServer, redis_binary
+
+        redis_binary()  # skipped without it, saying why (a failure with CI=true)
+        cls.directory = Path(tempfile.mkdtemp(prefix="engine-redis-"))
+        cls.server = RedisServer(cls.directory).start()
+        RedisEngineMachine.url = cls.server.url
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.server is not None:
+            cls.server.stop()
+        shutil.rmtree(cls.directory, ignore_errors=True)
