@@ -103,6 +103,29 @@ def test_single_flight_across_two_replicas_with_a_slow_upstream(
         assert len([d for d in fake.deliveries if d.to_user_id == gw_a.peer]) == 1
 
 
+def test_a_lease_is_renewed_while_an_exchange_outlasts_its_ttl(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path, redis_server: RedisServer
+):
+    """The lease lasts deadline_s + 2 s (3 s here); a first attempt may take longer (it is bounded
+    by 60 s, not the deadline): its holder keeps extending it, so the retry at B still waits."""
+    rules = shared_rules(tmp_path, deadline=1.0)
+    with (
+        replica(fake, pki, tmp_path, "a", redis_server, rules) as a,
+        replica(fake, pki, tmp_path, "b", redis_server, rules) as b,
+    ):
+        gw_a = Gateway(a)
+        gw_b = via(gw_a, b)
+        fake.script(SEND, Answer(body=b'{"ret":0,"message_id":8}', delay=4.5, deliver=True))
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(gw_a.send, None, "long-1")
+            wait_for(lambda: len(sends_to(fake, gw_a)) == 1)
+            retry = gw_b.send(None, client_id="long-1")
+            assert first.result().content == b'{"ret":0,"message_id":8}'
+        assert retry.content == b'{"ret":0,"message_id":8}'
+        assert retry.headers["x-ilink-fixproxy"].startswith("replayed")
+        assert len(sends_to(fake, gw_a)) == 1
+
+
 def test_stale_memory_closed_window_and_fresh_token_learnt_at_one_replica_are_used_at_the_other(
     fake: FakeILink, pki: TestPKI, tmp_path: Path, redis_server: RedisServer
 ):

@@ -58,7 +58,7 @@ from .ports import Store, Upstream
 from .redact import token_hash
 from .reissue import ReissueError
 from .rules import Rule
-from .state import Peer, SqliteStore, StateStore
+from .state import Message, Peer, SqliteStore, StateStore
 
 log = logging.getLogger("ilink_fixproxy")
 
@@ -136,6 +136,33 @@ def _local_response(
     return response
 
 
+class _Renewal:
+    """Keeps a held lease alive, extending it every third of its TTL: a timer, not a task per
+    send, since nearly every exchange ends long before the first extension is due."""
+
+    def __init__(self, tracker: PeerTracker, key: tuple[str, str], ttl: float) -> None:
+        self.tracker, self.key, self.ttl = tracker, key, ttl
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Task[None] | None = None
+        self.timer = self.loop.call_later(ttl / 3, self._due)
+
+    def _due(self) -> None:
+        self.task = self.loop.create_task(self._extend())
+
+    async def _extend(self) -> None:
+        store = self.tracker.store
+        try:
+            await store.take_lease(*self.key, self.tracker._owner, self.ttl)  # (ours: extended)
+        except store.errors as e:
+            self.tracker._store_failed(e, "renew_lease")
+        self.timer = self.loop.call_later(self.ttl / 3, self._due)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
 class PeerTracker:
     def __init__(
         self,
@@ -166,7 +193,7 @@ class PeerTracker:
         # Single flight across replicas (a shared store): this process's name on the leases it
         # holds, and each held lease's renewal task.
         self._owner = uuid.uuid4().hex
-        self._leases: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._leases: dict[tuple[str, str], _Renewal] = {}
         self.health: Health | None = None  # told about store errors and successful writes
 
     async def aclose(self) -> None:
@@ -325,22 +352,18 @@ class PeerTracker:
             self._inflight[key] = done
         outcome = None
         try:
+            # Single flight across replicas (a shared store): a lease on the message, taken before
+            # its record is read and held until what the exchange taught us is stored. Held by
+            # another replica: wait for its outcome (published when it lets go, or the lease
+            # expiring), then look again, as a local retry does after `running`.
+            ttl = rule.action.deadline_s + LEASE_MARGIN_S if key is not None and self.store.shared else None
             while True:
                 now = self._now()
-                snap = await self._snapshot(rule, bot, peer, client_id, token, now)
-                gate = policy.gate(snap, rule, now)
-                if not isinstance(gate, Go) or key is None or not self.store.shared:
+                snap = await self._snapshot(rule, bot, peer, client_id, token, now, lease_ttl=ttl)
+                if snap is not None:
                     break
-                # Single flight across replicas: a lease on the message while its exchange runs.
-                # Held by another replica: wait for its outcome (published when it lets go, or the
-                # lease expiring), then look again, as a local retry does after `running`.
-                ttl = rule.action.deadline_s + LEASE_MARGIN_S
-                if await self._take_lease(key, ttl):
-                    again = await self._snapshot(rule, bot, peer, client_id, token, self._now())
-                    if again == snap:
-                        break
-                    continue  # the message changed before the lease was ours: decide again
-                await self._store_call("wait_lease", self.store.wait_lease(*key, ttl))
+                await self._store_call("wait_lease", self.store.wait_lease(*key, ttl))  # type: ignore[misc]
+            gate = policy.gate(snap, rule, now)
             if isinstance(gate, LocalAnswer):
                 return Outcome(
                     _local_response(gate.status, gate.body, gate.note, _list(gate.headers)), gate.decision
@@ -390,57 +413,45 @@ class PeerTracker:
             else:
                 await self._settle(key, done)
 
-    async def _take_lease(self, key: tuple[str, str], ttl: float) -> bool:
-        """Take the shared lease on a message, and keep it renewed until _settle. Without the
-        store, granted: the send goes, as with no proxy (at most once from this replica)."""
-        try:
-            taken = await self.store.take_lease(*key, self._owner, ttl)
-        except self.store.errors as e:
-            self._store_failed(e, "take_lease")
-            return True
-        self._store_ok()
-        if taken:
-            self._leases[key] = asyncio.ensure_future(self._renew(key, ttl))
-        return taken
-
-    async def _renew(self, key: tuple[str, str], ttl: float) -> None:
-        while True:
-            await asyncio.sleep(ttl / 3)
-            try:
-                await self.store.take_lease(*key, self._owner, ttl)  # (ours: extended)
-            except self.store.errors as e:
-                self._store_failed(e, "renew_lease")
-
     async def _snapshot(
-        self, rule: Rule, bot: str, peer: str | None, client_id: str | None, token: str | None, now: float
-    ) -> Snapshot:
-        """What the store knows about this send, looked up together (one transaction: see batch).
-        Without the store: what memory knows (never worse than no proxy: the send goes, and a
-        stale token is still repaired by the plain re-issue)."""
+        self,
+        rule: Rule,
+        bot: str,
+        peer: str | None,
+        client_id: str | None,
+        token: str | None,
+        now: float,
+        *,
+        lease_ttl: float | None = None,
+    ) -> Snapshot | None:
+        """What the store knows about this send, looked up together (one transaction, or one
+        round trip). Without the store: what memory knows (never worse than no proxy: the send
+        goes, and a stale token is still repaired by the plain re-issue). With `lease_ttl` (a
+        shared store) the message's lease is taken first and kept renewed until _settle; None
+        when another replica holds it."""
         ps = rule.peer_state
         assert ps is not None
         closable = ps.on_closed in ("answer-locally", "defer")
         store = self.store
+        since = now - ps.dedupe_s
+        with_fresh = ps.substitute_fresh and token is not None and peer is not None
         try:
-            async with store.batch(write=False):
-                queued = await store.queued_id(bot, client_id) is not None if client_id and peer else False
-                message = await self._message(bot, client_id, now - ps.dedupe_s) if client_id else None
-                cooldown = await store.cooldown(bot, now)
-                p = await store.peer(bot, peer) if peer and closable else None
-                fresh = (
-                    await self.fresh_token(bot, peer) if ps.substitute_fresh and token is not None else None
-                )
-                original_stale = (
-                    ps.remember_stale
-                    and token is not None
-                    and await store.is_stale(bot, store.keyed_hash(token))
-                )
-                fresh_stale = fresh is not None and await store.is_stale(bot, store.keyed_hash(fresh))
+            r = await store.snapshot(
+                bot,
+                client_id,
+                peer,
+                store.keyed_hash(token) if ps.remember_stale and token is not None else None,
+                since,
+                now,
+                with_peer=closable,
+                with_fresh=with_fresh,
+                lease=(self._owner, lease_ttl) if lease_ttl is not None else None,
+            )
         except store.errors as e:
             self._store_failed(e, "snapshot")
             kept = self._unstored.get((bot, client_id)) if client_id else None
             return Snapshot(
-                message=kept[0] if kept is not None and kept[1] >= now - ps.dedupe_s else None,
+                message=kept[0] if kept is not None and kept[1] >= since else None,
                 cooldown=None,
                 window=None,
                 queued=False,
@@ -450,21 +461,31 @@ class PeerTracker:
             )
         if store.shared:
             self._store_ok()
+        if not r.leased:
+            return None
+        if lease_ttl is not None and client_id:
+            key = (bot, client_id)
+            if key not in self._leases:
+                self._leases[key] = _Renewal(self, key, lease_ttl)
+        p = r.peer
+        fresh = r.fresh
+        if fresh is not None and (p is None or p.newest_token != store.keyed_hash(fresh)):
+            fresh = None  # forgotten (`state forget`) or superseded
+        cooldown = r.cooldown
         return Snapshot(
-            message=message,
+            message=self._message(bot, client_id, since, r.message) if client_id else None,
             cooldown=Cooling(cooldown.until, cooldown.status, cooldown.body) if cooldown else None,
-            window=Window(p.closed_until, p.closed_status, p.closed_body) if p else None,
-            queued=queued,
+            window=Window(p.closed_until, p.closed_status, p.closed_body) if p and closable else None,
+            queued=r.queued_id is not None,
             fresh=fresh,
-            original_stale=original_stale,
-            fresh_stale=fresh_stale,
+            original_stale=r.token_stale,
+            fresh_stale=fresh is not None and r.newest_stale,
         )
 
-    async def _message(self, bot: str, client_id: str, since: float) -> MessageRecord | None:
-        """The message as known here: what could not be stored (memory), else the store."""
+    def _message(self, bot: str, client_id: str, since: float, m: Message | None) -> MessageRecord | None:
+        """The message as known here: what could not be stored (memory), else the store's `m`."""
         if (kept := self._unstored.get((bot, client_id))) is not None and kept[1] >= since:
             return kept[0]
-        m = await self.store.message(bot, client_id, since=since)
         if m is None:
             return None
         if m.state:

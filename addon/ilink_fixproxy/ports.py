@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from mitmproxy import http
 
-    from .state import Cooldown, Message, Peer, Queued
+    from .state import Cooldown, Message, Peer, Queued, Reads
 
 
 class Upstream(Protocol):
@@ -47,7 +47,25 @@ class Store(Protocol):
     def batch(self, *, write: bool) -> AbstractAsyncContextManager[None]: ...
     async def aclose(self) -> None: ...
 
-    # reads (one snapshot per send)
+    # reads (one snapshot per send: `snapshot`, all of them at once, one round trip for Redis)
+    async def snapshot(
+        self,
+        bot: str,
+        client_id: str | None,
+        peer: str | None,
+        token_hash: str | None,
+        since: float,
+        now: float,
+        *,
+        with_peer: bool,
+        with_fresh: bool,
+        lease: tuple[str, float] | None = None,
+    ) -> Reads:
+        """Everything one send reads. With `lease` (owner, TTL in seconds), the message's lease
+        is taken (or extended, if the owner's) first; held by another owner: `leased` False and
+        nothing read (see PeerTracker.handle)."""
+        ...
+
     async def message(self, bot: str, client_id: str, since: float) -> Message | None: ...
     async def queued_id(self, bot: str, client_id: str) -> int | None: ...
     async def cooldown(self, bot: str, now: float) -> Cooldown | None: ...

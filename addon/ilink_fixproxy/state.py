@@ -136,6 +136,20 @@ class Cooldown:
     body: bytes
 
 
+@dataclass(frozen=True)
+class Reads:
+    """What the engine reads for one send, looked up together (`Store.snapshot`)."""
+
+    queued_id: int | None
+    message: Message | None
+    cooldown: Cooldown | None
+    peer: Peer | None
+    fresh: str | None  # the newest token kept for the peer (the engine checks it is still newest)
+    token_stale: bool  # the token hash asked about is a proven-stale one
+    newest_stale: bool  # the peer's newest token (by its hash) is a proven-stale one
+    leased: bool = True  # False: another process holds the message's lease (nothing was read)
+
+
 class StateStore:
     def __init__(self, path: str, *, limits: Limits = Limits(), lock: bool = True) -> None:
         """Open (creating if needed) the state file; StateError if it is unusable or in use."""
@@ -791,6 +805,37 @@ class SqliteStore:
 
     async def queued_id(self, bot: str, client_id: str) -> int | None:
         return self.db.queued_id(bot, client_id)
+
+    async def snapshot(
+        self,
+        bot: str,
+        client_id: str | None,
+        peer: str | None,
+        token_hash: str | None,
+        since: float,
+        now: float,
+        *,
+        with_peer: bool,
+        with_fresh: bool,
+        lease: tuple[str, float] | None = None,
+    ) -> Reads:
+        # (one process per file: its own single flight suffices, every lease is granted)
+        db = self.db
+        with db.batch(write=False):  # one transaction: see StateStore.batch
+            p = db.peer(bot, peer) if peer and (with_peer or with_fresh) else None
+            return Reads(
+                queued_id=db.queued_id(bot, client_id) if client_id and peer else None,
+                message=db.message(bot, client_id, since) if client_id else None,
+                cooldown=db.cooldown(bot, now),
+                peer=p,
+                fresh=self._fresh.get((bot, peer)) if with_fresh and peer else None,
+                token_stale=db.is_stale(bot, token_hash) if token_hash else False,
+                newest_stale=(
+                    db.is_stale(bot, p.newest_token)
+                    if with_fresh and p is not None and p.newest_token and (bot, peer) in self._fresh
+                    else False
+                ),
+            )
 
     async def cooldown(self, bot: str, now: float) -> Cooldown | None:
         return self.db.cooldown(bot, now)

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .state import Cooldown, Message, Peer, Queued, StateError
+from .state import Cooldown, Message, Peer, Queued, Reads, StateError
 
 log = logging.getLogger("ilink_fixproxy")
 
@@ -244,6 +244,27 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('SET', KEYS[1] .. ':claim', ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
+# KEYS: by-client_id outbox key, message, bot, peer, the token's stale key, the message's lease
+# ('' for each: not asked). ARGV: the stale-key prefix of this bot, the lease's owner and TTL.
+# One round trip for everything a send reads, and its lease taken first (no reads without it).
+_SNAPSHOT = """
+if KEYS[6] ~= '' then
+  local v = redis.call('GET', KEYS[6])
+  if not v then redis.call('SET', KEYS[6], ARGV[2], 'PX', ARGV[3])
+  elseif v == ARGV[2] then redis.call('PEXPIRE', KEYS[6], ARGV[3])
+  else return {0} end
+end
+local queued, message, bot, peer, token_stale, newest_stale = false, false, false, false, 0, 0
+if KEYS[1] ~= '' then queued = redis.call('GET', KEYS[1]) end
+if KEYS[2] ~= '' then message = redis.call('HMGET', KEYS[2], 'a', 'acc', 's', 'ans', 'u') end
+bot = redis.call('HMGET', KEYS[3], 'cu', 'cs', 'cb')
+if KEYS[4] ~= '' then
+  peer = redis.call('HMGET', KEYS[4], 'nt', 'ns', 'ia', 'cu', 'cs', 'cb', 'ft')
+  if peer[1] and peer[7] then newest_stale = redis.call('EXISTS', ARGV[1] .. peer[1]) end
+end
+if KEYS[5] ~= '' then token_stale = redis.call('EXISTS', KEYS[5]) end
+return {1, queued, message, bot, peer, token_stale, newest_stale}
+"""
 # KEYS[1] flush requests
 _TAKE_FLUSH = """
 local v = redis.call('HKEYS', KEYS[1])
@@ -284,6 +305,7 @@ class RedisStore:
                 ("dequeue", _DEQUEUE),
                 ("claim", _CLAIM),
                 ("take_flush", _TAKE_FLUSH),
+                ("snapshot", _SNAPSHOT),
             )
         }
 
@@ -364,10 +386,53 @@ class RedisStore:
 
     # ------------------------------------------------------------------ messages
 
+    @_op("snapshot")
+    async def snapshot(
+        self,
+        bot: str,
+        client_id: str | None,
+        peer: str | None,
+        token_hash: str | None,
+        since: float,
+        now: float,
+        *,
+        with_peer: bool,
+        with_fresh: bool,
+        lease: tuple[str, float] | None = None,
+    ) -> Reads:
+        hc = self.keyed_hash(client_id) if client_id else ""
+        pk = self._peer_key(bot, peer) if peer and (with_peer or with_fresh) else ""
+        keys = [
+            f"{PREFIX}qc:{bot}:{hc}" if hc and peer else "",
+            f"{PREFIX}m:{bot}:{hc}" if hc else "",
+            f"{PREFIX}b:{bot}",
+            pk,
+            f"{PREFIX}s:{bot}:{token_hash}" if token_hash else "",
+            self._lease_key(bot, client_id) if lease and client_id else "",
+        ]
+        owner, ttl_s = lease or ("", 0.0)
+        got = await self._scripts["snapshot"](keys=keys, args=[f"{PREFIX}s:{bot}:", owner, int(ttl_s * 1000)])
+        if not got[0]:
+            return Reads(None, None, None, None, None, False, False, leased=False)
+        queued, m, b, p, token_stale, newest_stale = got[1:]
+        fresh = self._open(p[6], pk + ":ft") if p and with_fresh else None
+        return Reads(
+            queued_id=int(queued) if queued is not None else None,
+            message=self._decode_message(keys[1], m, since) if m else None,
+            cooldown=self._decode_cooldown(keys[2], b, now),
+            peer=self._decode_peer(bot, peer or "", pk, p[:6]) if p else None,
+            fresh=fresh.decode("utf-8", "replace") if fresh is not None else None,
+            token_stale=bool(token_stale),
+            newest_stale=bool(newest_stale),
+        )
+
     @_op("message")
     async def message(self, bot: str, client_id: str, since: float) -> Message | None:
         key = self._message_key(bot, client_id)
-        a, acc, state, ans, u = await self._r.hmget(key, "a", "acc", "s", "ans", "u")
+        return self._decode_message(key, await self._r.hmget(key, "a", "acc", "s", "ans", "u"), since)
+
+    def _decode_message(self, key: str, fields: list[bytes | None], since: float) -> Message | None:
+        a, acc, state, ans, u = fields
         if u is None or float(u) < since:
             return None
         status, headers, body = None, [], None
@@ -474,12 +539,13 @@ class RedisStore:
 
     @_op("peer")
     async def peer(self, bot: str, peer: str) -> Peer | None:
-        nt, ns, ia, cu, cs, cb = await self._r.hmget(
-            self._peer_key(bot, peer), "nt", "ns", "ia", "cu", "cs", "cb"
-        )
+        key = self._peer_key(bot, peer)
+        return self._decode_peer(bot, peer, key, await self._r.hmget(key, "nt", "ns", "ia", "cu", "cs", "cb"))
+
+    def _decode_peer(self, bot: str, peer: str, key: str, fields: list[bytes | None]) -> Peer | None:
+        nt, ns, ia, cu, cs, cb = fields
         if nt is None and ia is None and cu is None:
             return None
-        key = self._peer_key(bot, peer)
         return Peer(
             bot,
             peer,
@@ -578,7 +644,10 @@ class RedisStore:
     @_op("cooldown")
     async def cooldown(self, bot: str, now: float) -> Cooldown | None:
         key = f"{PREFIX}b:{bot}"
-        cu, cs, cb = await self._r.hmget(key, "cu", "cs", "cb")
+        return self._decode_cooldown(key, await self._r.hmget(key, "cu", "cs", "cb"), now)
+
+    def _decode_cooldown(self, key: str, fields: list[bytes | None], now: float) -> Cooldown | None:
+        cu, cs, cb = fields
         if cu is None or float(cu) <= now:
             return None
         return Cooldown(float(cu), int(cs or 0), self._open(cb, key) or b"")
