@@ -549,9 +549,14 @@ class PeerTracker:
         store = self.store
         # (looked up first: any write of the batch may be the one that fails)
         settled = next((e.record for e in effects if isinstance(e, SettleMessage)), None)
+        key = (send.bot, send.client_id) if send.client_id else None
+        # The message's lease is let go with its record, after everything else the send taught
+        # us is stored (a waiting replica then reads all of it): the settlement goes last.
+        release = self._owner if key is not None and key in self._leases else None
+        ordered = sorted(effects, key=lambda e: isinstance(e, SettleMessage))
         try:
             async with store.batch(write=True):
-                for effect in effects:
+                for effect in ordered:
                     if isinstance(effect, SettleMessage):
                         if send.client_id:
                             answer = effect.record.answer
@@ -563,7 +568,10 @@ class PeerTracker:
                                 (answer.status, list(answer.headers), answer.body) if answer else None,
                                 now,
                                 since=now - ps.dedupe_s,
+                                release=release,
                             )
+                            if release is not None and (renewal := self._leases.pop(key, None)):  # type: ignore[arg-type]
+                                renewal.cancel()  # released: _settle has nothing left to do
                     elif isinstance(effect, MarkStale):
                         await store.mark_stale(send.bot, store.keyed_hash(effect.token), send.peer or "", now)
                     elif isinstance(effect, OpenWindow) and send.peer:

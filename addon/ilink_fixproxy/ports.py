@@ -84,7 +84,12 @@ class Store(Protocol):
         answer: tuple[int, list[tuple[str, str]], bytes] | None,
         now: float,
         since: float,
-    ) -> None: ...
+        release: str | None = None,
+    ) -> None:
+        """Where the message stands after its exchange; with `release`, the lease that owner
+        holds on it is let go in the same step (a waiting replica reads the settled record)."""
+        ...
+
     async def record_attempts(
         self,
         bot: str,

@@ -862,6 +862,7 @@ class SqliteStore:
         answer: tuple[int, list[tuple[str, str]], bytes] | None,
         now: float,
         since: float,
+        release: str | None = None,  # (no leases: one process per file)
     ) -> None:
         self.db.settle_message(bot, client_id, state, attempts, answer, now, since)
 

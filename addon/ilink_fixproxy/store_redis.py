@@ -166,6 +166,10 @@ if tonumber(ARGV[5]) > a then a = tonumber(ARGV[5]) end
 redis.call('HSET', KEYS[1], 'a', a, 'acc', ARGV[6], 's', ARGV[4], 'u', ARGV[1])
 if ARGV[7] == '' then redis.call('HDEL', KEYS[1], 'ans') else redis.call('HSET', KEYS[1], 'ans', ARGV[7]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[8] ~= '' then
+  if redis.call('GET', KEYS[2]) == ARGV[8] then redis.call('DEL', KEYS[2]) end
+  redis.call('PUBLISH', KEYS[2] .. ':done', '1')
+end
 """
 # KEYS[1] message; ARGV now, since, ttl_ms, attempts, accepted, answer
 _RECORD = """
@@ -466,6 +470,7 @@ class RedisStore:
         answer: tuple[int, list[tuple[str, str]], bytes] | None,
         now: float,
         since: float,
+        release: str | None = None,
     ) -> None:
         key = self._message_key(bot, client_id)
         sealed = self._answer(key, *answer) if answer is not None else b""
@@ -477,8 +482,9 @@ class RedisStore:
             attempts,
             int(state == "accepted"),
             sealed,
+            release or "",
         ]
-        await self._scripts["settle"](keys=[key], args=args)
+        await self._scripts["settle"](keys=[key, self._lease_key(bot, client_id)], args=args)
 
     @_op("record_attempts")
     async def record_attempts(
