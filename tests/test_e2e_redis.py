@@ -177,6 +177,16 @@ def test_stale_memory_closed_window_and_fresh_token_learnt_at_one_replica_are_us
         assert state.returncode == 0, state.stderr
         assert "2 peer(s)" in state.stdout and "window CLOSED" in state.stdout
         assert "kept encrypted in the shared store" in state.stdout
+        forget = subprocess.run(
+            ilink_fixproxy_argv("state", "forget", gw2_a.peer, "--state", redis_server.url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env({"ILINK_FIXPROXY_STATE_KEY": STATE_KEY}),
+        )
+        assert forget.returncode == 0 and f"forgot {gw2_a.peer}" in forget.stdout, forget.stderr
+        r = gw2_b.send("old-token", text="fifth words")  # the window is forgotten: it goes upstream
+        assert len(sends_to(fake, gw2_a)) > 2
 
     assert_nothing_in_clear(
         redis_server,

@@ -76,7 +76,7 @@ def state_key_from_env(environ: Any = os.environ) -> bytes:
             f"a Redis store needs {KEY_ENV}: the same secret of at least {MIN_KEY_CHARS} characters on "
             "every replica (e.g. `openssl rand -hex 32`)"
         )
-    if len(value) < MIN_KEY_CHARS or not value.isascii() or not value.isprintable() or value != value.strip():
+    if len(value) < MIN_KEY_CHARS or not value.isascii() or not value.isprintable() or " " in value:
         raise StateError(
             f"{KEY_ENV} is malformed: it must be at least {MIN_KEY_CHARS} printable ASCII characters "
             "without spaces (e.g. `openssl rand -hex 32`)"
