@@ -144,18 +144,19 @@ class FaultyStore:
         }
     )
 
-    def __init__(self, inner: state_mod.StateStore) -> None:
-        self.inner = inner
+    def __init__(self, inner: Any, error: type[Exception] = sqlite3.OperationalError) -> None:
+        self.inner = inner  # a ports.Store
+        self.error = error  # what this store raises when it cannot write
         self.failing = False
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
         if name in self._WRITES:
 
-            def write(*args: Any, **kwargs: Any) -> Any:
+            async def write(*args: Any, **kwargs: Any) -> Any:
                 if self.failing:
-                    raise sqlite3.OperationalError("database or disk is full")
-                return attr(*args, **kwargs)
+                    raise self.error("database or disk is full")
+                return await attr(*args, **kwargs)
 
             return write
         return attr
@@ -175,9 +176,10 @@ class EngineMachine(RuleBasedStateMachine):
         self.memory_only: set[str] = set()  # attempted while the store failed
         self.forgotten: set[str] = set()  # ... and then restarted: nothing promised for them
         self.killed: set[str] = set()  # sent while the process was killed
+        self.pending: set[asyncio.Future[None]] = set()
 
     def _open_store(self) -> FaultyStore:
-        return FaultyStore(state_mod.StateStore(str(self.dir / "state.sqlite3")))
+        return FaultyStore(state_mod.SqliteStore(state_mod.StateStore(str(self.dir / "state.sqlite3"))))
 
     def _tracker(self) -> PeerTracker:
         # (`clock` is new with the core; without it the same machine drives the engine before it)
@@ -186,7 +188,7 @@ class EngineMachine(RuleBasedStateMachine):
         return PeerTracker(self.store, self.upstream)  # type: ignore[arg-type]
 
     def teardown(self) -> None:
-        self.store.inner.close()
+        self.loop.run_until_complete(self.store.inner.aclose())
         self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -216,12 +218,15 @@ class EngineMachine(RuleBasedStateMachine):
             return
         if outcome.decision == "replayed":
             self.replays.append((cid, outcome.response.content or b""))
-        self.loop.call_soon(self.tracker.write_back, flow.id)  # as the addon's response hook
+        self.pending.add(
+            asyncio.ensure_future(self.tracker.write_back(flow.id))
+        )  # as the addon's response hook
 
     def _run(self, *coros: Any) -> None:
         async def main() -> None:
             await asyncio.gather(*coros)
-            await asyncio.sleep(0)  # the write-backs scheduled by the sends
+            await asyncio.gather(*self.pending)  # the write-backs scheduled by the sends
+            self.pending.clear()
 
         self.loop.run_until_complete(main())
 
@@ -248,7 +253,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         """A graceful restart: what is pending is written back, memory is dropped."""
-        self.tracker.write_back()
+        self.loop.run_until_complete(self.tracker.write_back())
         self._reopen()
 
     @rule(cid=st.sampled_from(CLIENT_IDS), token=st.booleans())
@@ -275,9 +280,18 @@ class EngineMachine(RuleBasedStateMachine):
         self.upstream.held.clear()
         self._reopen()
 
+    async def _drop(self, tracker: PeerTracker) -> None:
+        """The process is gone: nothing more is written, its connections close."""
+        for task in getattr(tracker, "_leases", {}).values():
+            task.cancel()
+        await self.store.inner.aclose()
+
     def _reopen(self) -> None:
         failing = self.store.failing
-        self.store.inner.close()
+        for task in self.pending:  # killed: its write-backs never ran
+            task.cancel()
+        self.pending.clear()
+        self.loop.run_until_complete(self._drop(self.tracker))
         self.forgotten |= self.memory_only
         self.store = self._open_store()
         self.store.failing = failing
@@ -324,3 +338,60 @@ EngineMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestEngine = EngineMachine.TestCase
+
+
+# ---------------------------------------------------------------------------- the Redis store
+
+
+class RedisEngineMachine(EngineMachine):
+    """The same machine with the shared Redis store (store_redis.RedisStore) behind the engine:
+    a real redis-server, emptied for each example; a failing store is Redis refusing
+    connections; a process killed mid-exchange leaves its lease, which the next step finds
+    expired (the lease's TTL is real time, the engine's clock is not: the key is removed)."""
+
+    url = ""
+
+    def _open_store(self) -> FaultyStore:
+        import redis
+        from ilink_fixproxy.store_redis import RedisStore
+        from redis_helpers import STATE_KEY
+
+        if not hasattr(self, "store"):  # a new example: an empty Redis
+            with redis.Redis.from_url(self.url) as r:
+                r.flushdb()
+        store = RedisStore.from_url(self.url, {"ILINK_FIXPROXY_STATE_KEY": STATE_KEY})
+        return FaultyStore(store, redis.exceptions.ConnectionError)
+
+    async def _drop(self, tracker: PeerTracker) -> None:
+        await super()._drop(tracker)
+        import redis
+
+        with redis.Redis.from_url(self.url) as r:
+            for key in r.scan_iter(match="ilfp:l:*"):
+                r.delete(key)  # its holder died: the lease has expired by the next send
+
+
+class TestEngineRedis(RedisEngineMachine.TestCase):  # type: ignore[name-defined,misc]
+    settings = settings(
+        max_examples=300,
+        stateful_step_count=15,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    server: Any = None
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        from redis_helpers import RedisServer, redis_binary
+
+        redis_binary()  # skipped without it, saying why (a failure with CI=true)
+        cls.directory = Path(tempfile.mkdtemp(prefix="engine-redis-"))
+        cls.server = RedisServer(cls.directory).start()
+        RedisEngineMachine.url = cls.server.url
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.server is not None:
+            cls.server.stop()
+        shutil.rmtree(cls.directory, ignore_errors=True)

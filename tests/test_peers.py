@@ -41,7 +41,7 @@ def test_a_send_is_stored_only_at_write_back_and_its_client_id_waits_until_then(
         outcome = await tracker.handle(flow, rule, doc, write_back_later=True)
         assert outcome.decision == "passed" and outcome.response is not None
         # answered, not yet settled: only the attempt itself was stored, before it was sent
-        pending = tracker.store.message(bot, "c-1", since=0)
+        pending = await tracker.store.message(bot, "c-1", since=0)
         assert pending is not None and pending.state == "in-flight" and pending.status is None
         assert tracker.busy()  # a graceful shutdown waits for it
 
@@ -50,15 +50,15 @@ def test_a_send_is_stored_only_at_write_back_and_its_client_id_waits_until_then(
         retry = asyncio.ensure_future(tracker.handle(retry_flow, rule, retry_doc, write_back_later=True))
         await asyncio.sleep(0.05)
         assert not retry.done()
-        tracker.write_back(flow.id)
+        await tracker.write_back(flow.id)
         assert (await retry).decision == "replayed"
-        stored = tracker.store.message(bot, "c-1", since=0)
+        stored = await tracker.store.message(bot, "c-1", since=0)
         assert stored is not None and stored.accepted and stored.attempts == 1
 
-        tracker.write_back(retry_flow.id)  # nothing pending for it (answered locally): no-op
+        await tracker.write_back(retry_flow.id)  # nothing pending for it (answered locally): no-op
         other, other_doc = send_flow(fake.url, "c-2")
         await tracker.handle(other, rule, other_doc, write_back_later=True)
-        tracker.close()  # shutdown stores whatever is left
+        await tracker.aclose()  # shutdown stores whatever is left
 
     asyncio.run(go())
     assert len(fake.sends()) == 2  # c-1 once, c-2 once: the retry never went upstream
@@ -71,9 +71,9 @@ def test_without_write_back_later_a_send_is_stored_before_handle_returns(fake: F
         tracker = tracker_for(pki)
         flow, doc = send_flow(fake.url, "c-9")
         await tracker.handle(flow, rule, doc)
-        stored = tracker.store.message(tracker.bot_of(flow.request), "c-9", since=0)
+        stored = await tracker.store.message(tracker.bot_of(flow.request), "c-9", since=0)
         assert stored is not None and stored.accepted
         assert not tracker.busy()
-        tracker.close()
+        await tracker.aclose()
 
     asyncio.run(go())

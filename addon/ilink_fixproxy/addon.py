@@ -10,6 +10,7 @@ Whatever goes wrong while repairing, the caller keeps the original upstream answ
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import ssl
@@ -70,6 +71,7 @@ class IlinkFixProxy:
         self._managed_allow_hosts: list[str] = []
         self.tracker: PeerTracker | None = None
         self._state_key: tuple[str, ...] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # write-backs and closes under way
         self._running = False
         self._housekeeping: asyncio.Future[None] | None = None
         self._exhaustion: overload.ExhaustionReport | None = None
@@ -116,7 +118,9 @@ class IlinkFixProxy:
             "",
             "Peer-state file (SQLite) for rules with peer_state: fresh and stale tokens, closed send "
             "windows, cooldowns, sent client_ids. Empty: ilink-fixproxy-state.sqlite3 in the confdir; "
-            "':memory:' keeps nothing across restarts. One running proxy per file.",
+            "':memory:' keeps nothing across restarts. One running proxy per file. "
+            "redis://HOST:PORT/DB or rediss://...: a Redis store shared by several replicas "
+            "(needs ILINK_FIXPROXY_STATE_KEY).",
         )
         loader.add_option(
             "ilink_defer",
@@ -206,7 +210,9 @@ class IlinkFixProxy:
                 # Each step on its own, and nothing escapes: an exception ending this task would
                 # silently stop reloads, outbox expiry, flush requests and the write-back fallback.
                 try:
-                    step()
+                    done = step()
+                    if inspect.isawaitable(done):
+                        await done
                 except Exception as e:
                     what = f"{type(e).__name__}: {e}"
                     if failing.get(name) != what:  # once, not every round while it lasts
@@ -216,11 +222,11 @@ class IlinkFixProxy:
                 else:
                     failing.pop(name, None)
 
-    def _tend_state(self) -> None:
-        if self.tracker is not None:
-            self.tracker.write_back()  # (normally done by then: see response and error)
-            self.tracker.outbox.expire(time.time())
-            self.tracker.flush_requested()
+    async def _tend_state(self) -> None:
+        if (tracker := self.tracker) is not None:
+            await tracker.write_back()  # (normally done by then: see response and error)
+            await tracker.outbox.expire(time.time())
+            await tracker.flush_requested()
 
     def _rules_file_mtime(self) -> int | None:
         path = ctx.options.ilink_rules
@@ -261,33 +267,50 @@ class IlinkFixProxy:
         if not self.ruleset.uses_peer_state:
             self._close_state()
             return
-        path = ctx.options.ilink_state or state_mod.default_path(ctx.options.confdir)
+        path = (
+            ctx.options.ilink_state
+            or os.environ.get("ILINK_FIXPROXY_REDIS_URL")
+            or state_mod.default_path(ctx.options.confdir)
+        )
         key = (path,)
         if key == self._state_key and self.tracker is not None:
             return
         self._close_state()
         try:
-            store = state_mod.StateStore(path)
+            store = open_store(path)
         except state_mod.StateError as e:
             raise exceptions.OptionsError(str(e)) from None
         self.tracker = PeerTracker(store, self.reissuer, self._rule_named)
         self.tracker.health = self.health
-        self.health.state_file_check = store.file_problem
+        self.health.state_file_check = getattr(self.tracker.store, "file_problem", None)
         self._state_key = key
-        log.info(f"ilink-fixproxy: peer state in {path}")
+        log.info(f"ilink-fixproxy: peer state in {self.tracker.store.path}")
 
     def _close_state(self) -> None:
-        if self.tracker is not None:
-            self.tracker.close()
+        """Let go of the store (its pending writes first); on the loop when one runs."""
+        if (tracker := self.tracker) is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                asyncio.run(tracker.aclose())
+            else:
+                task = loop.create_task(tracker.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
         self.tracker, self._state_key = None, None
         self.health.state_file_check = None
 
-    def done(self) -> None:
+    async def done(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self._exhaustion is not None:
             self._exhaustion.cancel()
-        self._close_state()
+        tracker, self.tracker, self._state_key = self.tracker, None, None
+        self.health.state_file_check = None
+        if tracker is not None:
+            await tracker.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _sync_stream_large_bodies(self) -> None:
         """Bodies of unknown length (chunked) are only seen growing; mitmproxy's own
@@ -371,7 +394,7 @@ class IlinkFixProxy:
     async def response(self, flow: http.HTTPFlow) -> None:
         if self.tracker is not None and self._is_update(flow):
             try:
-                self.tracker.observe_updates(flow)
+                await self.tracker.observe_updates(flow)
             except Exception as e:  # the poll's answer passes on untouched whatever happens here
                 log.warning(f"getupdates: could not record inbound messages: {type(e).__name__}: {e}")
                 self.health.failed(component_of(e), e)
@@ -382,7 +405,9 @@ class IlinkFixProxy:
             if self.tracker is not None:
                 # mitmproxy writes the answer to the gateway as soon as this hook returns; store
                 # what the send taught us right after that (see PeerTracker.handle)
-                asyncio.get_running_loop().call_soon(self.tracker.write_back, flow.id)
+                task = asyncio.get_running_loop().create_task(self.tracker.write_back(flow.id))
+                self._closing.add(task)  # (a reference, so the task is not collected midway)
+                task.add_done_callback(self._closing.discard)
             return
         selected = self._selected(flow)
         if selected is not None:
@@ -406,9 +431,9 @@ class IlinkFixProxy:
             doc = selected[1] if selected else parse_json_object(flow.request.get_content(strict=False)) or {}
             log.warning(f"{_endpoint(flow)}: could not classify the answer: {_internal_error(e, flow, doc)}")
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         if self.tracker is not None:
-            self.tracker.write_back(flow.id)  # a send answered but never delivered: still stored
+            await self.tracker.write_back(flow.id)  # a send answered but never delivered: still stored
         meta = flow.metadata.get("ilink_fixproxy") or {}
         if flow.response is None and "delivery" not in meta and self._send_rule(flow) is not None:
             # A send mitmproxy forwarded that brought back no answer (reset, timeout)
@@ -618,3 +643,17 @@ def _filters_read_request_line_only(ruleset: RuleSet) -> bool:
     if ruleset.updates is not None:
         filters.append(ruleset.updates.filter)
     return all(request_line_only(f) for f in filters)
+
+
+def open_store(path: str) -> Any:  # -> ports.Store
+    """The store `--state` names: a Redis URL (shared by replicas) or a SQLite file. StateError,
+    saying what to do, when it cannot be used."""
+    if is_redis_url(path):
+        from . import store_redis
+
+        return store_redis.RedisStore.from_url(path)
+    return state_mod.SqliteStore(state_mod.StateStore(path))
+
+
+def is_redis_url(path: str) -> bool:
+    return path.startswith(("redis://", "rediss://"))

@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help="peer-state file for rules with peer_state (default: ilink-fixproxy-state.sqlite3 in the "
-        "confdir; ':memory:' keeps nothing across restarts)",
+        "confdir; ':memory:' keeps nothing across restarts), or redis://[:PASSWORD@]HOST:PORT/DB "
+        "(rediss:// for TLS) for a store shared by several replicas, which needs "
+        "ILINK_FIXPROXY_STATE_KEY (default: ILINK_FIXPROXY_REDIS_URL when set)",
     )
     parser.add_argument(
         "--proxy-auth",
@@ -207,7 +209,8 @@ def _state_file_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         default=None,
         dest="state_path",
-        help="state file (default: the one in --confdir)",
+        help="state file or redis:// URL (default: ILINK_FIXPROXY_REDIS_URL when set, else the file "
+        "in --confdir)",
     )
     parser.add_argument(
         "--confdir",
@@ -817,9 +820,19 @@ def check_state_free(s: Settings) -> None:
 
     if not (s.ruleset.uses_peer_state or s.defer):
         return
-    path = set_option_value(s.setoptions, "ilink_state") or s.state or state_mod.default_path(str(s.confdir))
+    path = (
+        set_option_value(s.setoptions, "ilink_state")
+        or s.state
+        or os.environ.get("ILINK_FIXPROXY_REDIS_URL")
+        or state_mod.default_path(str(s.confdir))
+    )
+    from .addon import is_redis_url, open_store
+
     try:
-        state_mod.StateStore(path).close()
+        if is_redis_url(path):  # the URL and ILINK_FIXPROXY_STATE_KEY (Redis may be down: fine)
+            asyncio.run(open_store(path).aclose())
+        else:
+            state_mod.StateStore(path).close()
     except state_mod.StateError as e:
         raise UsageError(str(e)) from None
 
@@ -899,16 +912,50 @@ def cmd_ca(confdir_arg: str | None, passphrase: str | None = None) -> int:
     return 0
 
 
-def open_state_for_command(path: str | None, confdir: str | None):  # -> StateStore
-    from . import state as state_mod
+def open_state_for_command(path: str | None, confdir: str | None):  # -> ports.Store
+    import os
 
-    file = path or state_mod.default_path(confdir or DEFAULT_CONFDIR)
+    from . import state as state_mod
+    from .addon import is_redis_url, open_store
+
+    file = (
+        path
+        or os.environ.get("ILINK_FIXPROXY_REDIS_URL")
+        or state_mod.default_path(confdir or DEFAULT_CONFDIR)
+    )
+    if is_redis_url(file):
+        try:
+            store = open_store(file)
+        except state_mod.StateError as e:
+            raise UsageError(str(e)) from None
+        store.log_failures = False  # (a failure ends the command in one line: _run_store_command)
+        return store
     if file != state_mod.MEMORY and not Path(file).exists():
         raise UsageError(f"no state file at {file} (the proxy creates it on start; see --state)")
     try:
-        return state_mod.StateStore(file, lock=False)  # readable while the proxy runs
+        return state_mod.SqliteStore(state_mod.StateStore(file, lock=False))  # readable while the proxy runs
     except state_mod.StateError as e:
         raise UsageError(str(e)) from None
+
+
+def _run_store_command(path: str | None, confdir: str | None, body) -> int:
+    """Run `body(store)` (a coroutine function) against the store; a store that cannot be
+    reached (Redis down) is one line, not a traceback."""
+    import asyncio
+
+    store = open_state_for_command(path, confdir)
+
+    async def run() -> int:
+        try:
+            return await body(store)
+        except store.errors as e:
+            raise UsageError(
+                f"cannot read the peer-state store {store.path}: {type(e).__name__}: {e}"
+            ) from None
+        finally:
+            await store.aclose()
+
+    return asyncio.run(run())
 
 
 def cmd_state(action: str, peer: str | None, path: str | None, confdir: str | None, show_ids: bool) -> int:
@@ -917,20 +964,20 @@ def cmd_state(action: str, peer: str | None, path: str | None, confdir: str | No
 
     if action == "list" and peer:
         raise UsageError(f"state list takes no argument (got {peer!r}); to forget a peer: state forget PEER")
-    store = open_state_for_command(path, confdir)
-    try:
+
+    async def body(store) -> int:
         if action == "forget":
             if not peer:
                 raise UsageError("state forget needs a PEER (its id, or the hash `state` shows)")
-            removed = store.forget_peer(peer, token_hash)
+            removed = await store.forget_peer(peer, token_hash)
             if not removed:
                 raise UsageError(f"no peer {peer!r} in {store.path}")
             print(f"forgot {peer}: {removed} record(s) removed")
             return 0
-        print(describe_state(store, show_ids=show_ids))
+        print(await describe_state(store, show_ids=show_ids))
         return 0
-    finally:
-        store.close()
+
+    return _run_store_command(path, confdir, body)
 
 
 def cmd_outbox(action: str, target: str | None, path: str | None, confdir: str | None, show_ids: bool) -> int:
@@ -942,12 +989,12 @@ def cmd_outbox(action: str, target: str | None, path: str | None, confdir: str |
         raise UsageError(
             f"outbox list takes no argument (got {target!r}); see outbox flush PEER, outbox drop ID"
         )
-    store = open_state_for_command(path, confdir)
-    try:
+
+    async def body(store) -> int:
         now = time.time()
         if action == "list":
-            queued = store.outbox()
-            stats = store.outbox_stats(now)
+            queued = await store.outbox()
+            stats = await store.outbox_stats(now)
             print(
                 f"{store.path}: {len(queued)} deferred send(s); delivered late {stats['delivered_late']}, "
                 f"expired {stats['expired']}, dropped {stats['dropped']}"
@@ -964,22 +1011,22 @@ def cmd_outbox(action: str, target: str | None, path: str | None, confdir: str |
         if not target:
             raise UsageError(f"outbox {action} needs a {'PEER' if action == 'flush' else 'message ID'}")
         if action == "drop":
-            if not target.isdigit() or not store.dequeue(int(target)):
+            if not target.isdigit() or not await store.dequeue(int(target)):
                 raise UsageError(f"no deferred send with id {target!r} (see `ilink-fixproxy outbox list`)")
-            store.bump("dropped")
+            await store.bump("dropped")
             print(f"dropped deferred send {target}")
             return 0
-        matching = [q for q in store.outbox() if target in (q.peer, token_hash(q.peer))]
+        matching = [q for q in await store.outbox() if target in (q.peer, token_hash(q.peer))]
         if not matching:
             raise UsageError(f"no deferred sends for peer {target!r}")
-        store.request_flush(target, now)
+        await store.request_flush(target, now)
         print(
             f"asked the running proxy to deliver {len(matching)} deferred send(s) to {target} now "
             "(with the freshest token it knows); `ilink-fixproxy outbox list` shows what is left"
         )
         return 0
-    finally:
-        store.close()
+
+    return _run_store_command(path, confdir, body)
 
 
 def main(argv: list[str] | None = None) -> int:

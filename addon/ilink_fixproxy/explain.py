@@ -349,14 +349,16 @@ class Replay:
             outbox = getattr(self.tracker, "outbox", None)
             if outbox is not None and hasattr(outbox, "aclose"):
                 await outbox.aclose()
-            self.tracker.close()
+            await self.tracker.aclose()
         return out
 
     async def one(self, r: Recorded) -> Explained:
         flow = r.flow
         updates = self.ruleset.updates
         if updates is not None and updates.filter(flow):
-            seen = self.tracker.observe_updates(flow) if self.tracker is not None and flow.response else 0
+            seen = (
+                await self.tracker.observe_updates(flow) if self.tracker is not None and flow.response else 0
+            )
             return Explained(r, "passed", detail=f"{seen} inbound message(s) seen" if seen else "")
         candidates = [rule for rule in self.ruleset.rules if rule.match.filter(flow)]
         if not candidates or flow.request.headers.get("content-encoding", "identity") != "identity":

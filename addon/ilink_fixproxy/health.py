@@ -1,7 +1,8 @@
 """What ``/healthz`` reports besides the event loop: failures the proxy hit doing its job.
 
 The engine (addon.py, peers.py) reports here, on the event loop, each internal failure and each
-success of two components: the peer-state store (SQLite errors on use) and repairs (an
+success of two components: the peer-state store (SQLite errors on use, Redis unreachable or
+failing) and repairs (an
 unexpected exception while re-issuing or handling a send: a bug or a broken runtime, such as
 CPython's eager-task race in ``asyncio.staggered``, issue 12 item 1; iLink refusing or being
 unreachable is not one). A component is unhealthy while its latest event within the window is
@@ -20,6 +21,13 @@ from dataclasses import dataclass
 
 from .state import StateError
 
+try:  # the shared store's errors (redis-py is a dependency; still, never a reason not to start)
+    from redis.exceptions import RedisError as _RedisError
+except ImportError:  # pragma: no cover
+    _RedisError = sqlite3.Error  # type: ignore[assignment,misc]
+
+_STORE_ERRORS = (sqlite3.Error, StateError, _RedisError)
+
 WINDOW_S = 300.0
 STATE = "peer-state store"
 REPAIRS = "repairs"
@@ -33,13 +41,14 @@ class _Component:
 
 def component_of(e: BaseException) -> str:
     """Which component an exception caught while handling traffic says is failing."""
-    return STATE if isinstance(e, sqlite3.Error | StateError) else REPAIRS
+    return STATE if isinstance(e, _STORE_ERRORS) else REPAIRS
 
 
 def summary_of(e: BaseException) -> str:
-    """The exception's type, and SQLite's own message (it names no data) for store errors."""
+    """The exception's type, and the store's own message (SQLite's and Redis's name no data) for
+    store errors."""
     name = type(e).__name__
-    return f"{name}: {e}" if isinstance(e, sqlite3.Error | StateError) and str(e) else name
+    return f"{name}: {e}" if isinstance(e, _STORE_ERRORS) and str(e) else name
 
 
 class Health:

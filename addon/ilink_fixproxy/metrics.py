@@ -38,7 +38,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from mitmproxy import ctx, exceptions, http
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
@@ -188,6 +188,34 @@ class _StateCollector(Collector):
             yield totals
 
 
+class _SharedStoreCollector(Collector):
+    """The shared store's availability (store_redis.RedisStore's `up` and `unavailable`: plain
+    values, read from the scrape thread without the event loop, so a stuck Redis cannot stall a
+    scrape). Absent with the SQLite store."""
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        store = getattr(tracker_of(), "store", None)
+        if store is None or not getattr(store, "shared", False):
+            return
+        up = GaugeMetricFamily(
+            f"{PREFIX}_store_up", "1 when the shared peer-state store's last operation succeeded, else 0"
+        )
+        up.add_metric([], 0 if store.up is False else 1)
+        yield up
+        counted = CounterMetricFamily(
+            f"{PREFIX}_store_unavailable",
+            "Store operations that failed (Redis down, slow or partitioned): the proxy decided "
+            "without the shared state, as with no proxy",
+            labels=["operation"],
+        )
+        for operation, n in sorted(dict(store.unavailable).items()):
+            counted.add_metric([operation], n)
+        yield counted
+
+
 # --------------------------------------------------------------------------- the addon
 
 
@@ -241,6 +269,7 @@ class Metrics:
         for outcome in ("delivered", "still_failing", "unconfirmed_empty_body"):
             self.repairs.labels(outcome)  # present (at 0) from the first scrape
         r.register(_StateCollector(self.state_counts))
+        r.register(_SharedStoreCollector())
         self.app = make_wsgi_app(r)
         self.server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None
@@ -382,13 +411,17 @@ class Metrics:
         return done.result(_LOOP_TIMEOUT_S)
 
     def state_counts(self) -> dict[str, Any]:
-        def read() -> dict[str, Any]:
+        async def read() -> dict[str, Any]:
             tracker = tracker_of()
             if tracker is None:
                 return {}
-            return {"rows": tracker.store.counts(), "outbox": tracker.store.outbox_stats(time.time())}
+            store = tracker.store
+            return {"rows": await store.counts(), "outbox": await store.outbox_stats(time.time())}
 
-        return self.on_loop(read)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the proxy is not running")
+        return asyncio.run_coroutine_threadsafe(read(), loop).result(_LOOP_TIMEOUT_S)
 
     # ------------------------------------------------------------------ counting
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
@@ -27,11 +27,17 @@ from .matching import AnswerSummary, answer_is_failure, carries, parse_json_obje
 from .redact import token_hash
 from .reissue import ReissueError, Reissuer
 from .rules import Rule
-from .state import Queued, StateStore
+from .state import Queued
+
+if TYPE_CHECKING:
+    from .ports import Store
 
 log = logging.getLogger("ilink_fixproxy")
 
 DELIVERY_TIMEOUT_S = 15.0  # what gateways allow a sendmessage
+# A queued send being delivered is claimed in the store for this long (a shared store: the other
+# replicas leave it alone; a replica killed mid-delivery lets go when the claim expires).
+CLAIM_S = DELIVERY_TIMEOUT_S + 5.0
 # Headers that describe the gateway's connection or carry its credentials: never stored.
 _NOT_STORED = frozenset(
     {
@@ -54,7 +60,7 @@ Event = dict[str, Any]
 class Outbox:
     def __init__(
         self,
-        store: StateStore,
+        store: Store,
         reissuer: Reissuer,
         rule_named: Callable[[str], Rule | None],
         *,
@@ -70,7 +76,7 @@ class Outbox:
 
     # ------------------------------------------------------------------ queueing
 
-    def defer(
+    async def defer(
         self, rule: Rule, bot: str, peer: str, client_id: str | None, request: http.Request, via: Any
     ) -> tuple[str, int]:
         """Queue a send; returns ("queued" | "duplicate" | "full" | "uneditable", sends now queued
@@ -82,11 +88,11 @@ class Outbox:
         body = remove_member(raw, rule.action.remove)
         if body is None:
             if carries(parse_json_object(raw) or {}, rule.action.remove):
-                return "uneditable", self.store.outbox_count(bot, peer)
+                return "uneditable", await self.store.outbox_count(bot, peer)
             body = raw  # nothing to take out
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _NOT_STORED]
-        self.expire(self.clock())
-        result, _ = self.store.enqueue(
+        await self.expire(self.clock())
+        result, _ = await self.store.enqueue(
             bot=bot,
             peer=peer,
             client_id=client_id,
@@ -100,14 +106,14 @@ class Outbox:
             max_per_peer=ps.outbox.max_per_peer,
             max_total=ps.outbox.max_total,
         )
-        return result, self.store.outbox_count(bot, peer)
+        return result, await self.store.outbox_count(bot, peer)
 
-    def expire(self, now: float) -> list[Queued]:
+    async def expire(self, now: float) -> list[Queued]:
         expired: list[Queued] = []
-        for name in self.store.outbox_rules():
+        for name in await self.store.outbox_rules():
             rule = self.rule_named(name)
             max_age = rule.peer_state.outbox.max_age_s if rule and rule.peer_state else 86400.0
-            expired += self.store.expire(now, max_age, rule=name)
+            expired += await self.store.expire(now, max_age, rule=name)
         for q in expired:
             log.warning(
                 f"outbox: dropped an expired deferred send to peer {token_hash(q.peer)} client_id "
@@ -127,9 +133,19 @@ class Outbox:
 
     # ------------------------------------------------------------------ delivering
 
-    def on_inbound(self, bot: str, peer: str, token: str | None, authorization: str) -> None:
+    async def on_inbound(self, bot: str, peer: str, token: str | None, authorization: str) -> None:
         """The peer wrote: deliver its queued sends (in the background, one flush at a time)."""
-        if (bot, peer) in self._active or not self.store.outbox_count(bot, peer):
+        if (bot, peer) in self._active:
+            return
+        try:
+            if not await self.store.outbox_count(bot, peer):
+                return
+        except self.store.errors as e:
+            log.warning(
+                f"outbox: cannot look for sends queued for peer {token_hash(peer)}: {type(e).__name__}"
+            )
+            return
+        if (bot, peer) in self._active:  # (another inbound message started it meanwhile)
             return
         self._active.add((bot, peer))
         task = asyncio.ensure_future(self.flush(bot, peer, token, authorization))
@@ -145,8 +161,8 @@ class Outbox:
 
     async def flush(self, bot: str, peer: str, token: str | None, authorization: str) -> int:
         """Deliver up to the rule's flush_max queued sends, oldest first; returns how many went."""
-        self.expire(self.clock())
-        queued = self.store.outbox(bot, peer)
+        await self.expire(self.clock())
+        queued = await self.store.outbox(bot, peer)
         if not queued:
             return 0
         first_rule = self.rule_named(queued[0].rule)
@@ -158,12 +174,14 @@ class Outbox:
                 continue
             if i:
                 await asyncio.sleep(rule.peer_state.outbox.flush_gap_s)
+            if not await self.store.claim(q.id, CLAIM_S):
+                continue  # another replica is delivering it (or just did)
             ok = await self._deliver(rule, q, token, authorization)
             if not ok:
                 break  # the window closed again: the rest waits for the next inbound message
             delivered += 1
         if delivered:
-            left = self.store.outbox_count(bot, peer)
+            left = await self.store.outbox_count(bot, peer)
             log.info(
                 f"outbox: delivered {delivered} deferred send(s) to peer {token_hash(peer)}; "
                 f"{left} still queued"
@@ -203,14 +221,14 @@ class Outbox:
             "token": "fresh" if token else "none",
         }
         if not failed and response is not None:
-            self.store.dequeue(q.id)
-            self.store.bump("delivered_late")
+            await self.store.dequeue(q.id)  # (its claim stays until it expires: nobody re-takes it)
+            await self.store.bump("delivered_late")
             if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
                 now = self.clock()
                 headers = [
                     (k, v) for k, v in response.headers.items(multi=True) if k.lower() != "content-length"
                 ]
-                self.store.record_attempts(
+                await self.store.record_attempts(
                     q.bot,
                     q.client_id,
                     1,
@@ -227,10 +245,10 @@ class Outbox:
             )
             self._emit({"event": "delivered-late", **event})
             return True
-        attempts = self.store.note_failure(q.id, summary)
+        attempts = await self.store.note_failure(q.id, summary)
         if attempts >= ps.outbox.max_attempts:
-            self.store.dequeue(q.id)
-            self.store.bump("dropped")
+            await self.store.dequeue(q.id)
+            await self.store.bump("dropped")
             log.warning(
                 f"outbox: gave up on deferred send to peer {token_hash(q.peer)} client_id "
                 f"{q.client_id or '-'} after {attempts} failed deliveries: {summary}"
@@ -242,6 +260,7 @@ class Outbox:
                 f"({summary}); still queued ({attempts}/{ps.outbox.max_attempts} attempts)"
             )
             self._emit({"event": "delivery-failed", **event, "attempts": attempts})
+            await self.store.unclaim(q.id)
         return False
 
     def _emit(self, event: Event) -> None:

@@ -19,8 +19,8 @@ import asyncio
 import functools
 import json
 import logging
-import sqlite3
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -58,12 +58,11 @@ from .ports import Store, Upstream
 from .redact import token_hash
 from .reissue import ReissueError
 from .rules import Rule
-from .state import Peer, StateStore
+from .state import Message, Peer, SqliteStore, StateStore
 
 log = logging.getLogger("ilink_fixproxy")
 
 HEADER = "X-Ilink-Fixproxy"
-FRESH_CACHE_SIZE = 100_000
 # The first attempt is not bounded by the rule's deadline (that is for re-issues: a slow but
 # successful answer must still reach the caller), only by this, so nothing hangs forever.
 FIRST_ATTEMPT_TIMEOUT_S = 60.0
@@ -76,7 +75,10 @@ FIRST_ATTEMPT_MAX_BYTES = 4 * 1024 * 1024
 # Messages the store could not take (a full disk, a locked file), kept in memory so a retry is
 # still answered from them; the newest this many.
 UNSTORED_MAX = 100_000
-_STORE_ERRORS = (sqlite3.Error, OSError)
+# A shared store's lease on a message under way lasts the rule's deadline and this much more; the
+# holder renews it every third of that while its exchange runs, so a replica killed mid-exchange
+# holds the message up for at most that long.
+LEASE_MARGIN_S = 2.0
 _STORED_HEADER_SKIP = frozenset(
     {"content-length", "content-encoding", "transfer-encoding", "date", HEADER.lower()}
 )
@@ -91,14 +93,14 @@ class Outcome:
     accepted: bool = False
     trace: tuple[dict[str, Any], ...] = ()  # one entry per upstream attempt (see attempt_record)
     # What the send taught us, still to be stored (PeerTracker.handle's write_back_later)
-    record: Callable[[], None] | None = None
+    record: Callable[[], Awaitable[None]] | None = None
     # What iLink's answer says about delivery (core Delivery); None: no answer from iLink was
     # handed back (answered from memory, or mitmproxy forwards it)
     delivery: str | None = None
 
 
 # Outcome.record, the send's single-flight key and its done future (see PeerTracker.handle)
-_Unwritten = tuple[Callable[[], None], tuple[str, str] | None, asyncio.Future[None]]
+_Unwritten = tuple[Callable[[], Awaitable[None]], tuple[str, str] | None, asyncio.Future[None]]
 
 
 @dataclass
@@ -134,6 +136,33 @@ def _local_response(
     return response
 
 
+class _Renewal:
+    """Keeps a held lease alive, extending it every third of its TTL: a timer, not a task per
+    send, since nearly every exchange ends long before the first extension is due."""
+
+    def __init__(self, tracker: PeerTracker, key: tuple[str, str], ttl: float) -> None:
+        self.tracker, self.key, self.ttl = tracker, key, ttl
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Task[None] | None = None
+        self.timer = self.loop.call_later(ttl / 3, self._due)
+
+    def _due(self) -> None:
+        self.task = self.loop.create_task(self._extend())
+
+    async def _extend(self) -> None:
+        store = self.tracker.store
+        try:
+            await store.take_lease(*self.key, self.tracker._owner, self.ttl)  # (ours: extended)
+        except store.errors as e:
+            self.tracker._store_failed(e, "renew_lease")
+        self.timer = self.loop.call_later(self.ttl / 3, self._due)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
 class PeerTracker:
     def __init__(
         self,
@@ -143,10 +172,11 @@ class PeerTracker:
         *,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.store = store
+        # The SQLite file is synchronous inside; the engine sees every store through ports.Store.
+        self.store: Store = SqliteStore(store) if isinstance(store, StateStore) else store
         self.reissuer = reissuer
         self.clock = clock  # None: time.time(), looked up at each call
-        self.outbox = Outbox(store, reissuer, rule_named, clock=self._now)  # type: ignore[arg-type]
+        self.outbox = Outbox(self.store, reissuer, rule_named, clock=self._now)  # type: ignore[arg-type]
         # (bot, client_id) -> (what the store could not take, when): see _apply
         self._unstored: OrderedDict[tuple[str, str], tuple[MessageRecord, float]] = OrderedDict()
         self._storing = True  # False from a failed write to the next successful one (logged once)
@@ -155,22 +185,27 @@ class PeerTracker:
         self._auth: dict[str, str] = {}
         # Authorization -> its keyed hash: an HMAC per send is measurable, a proxy serves a handful
         # of bots (memory only, like _auth).
-        self._bot_hash = functools.lru_cache(maxsize=10_000)(store.keyed_hash)
-        self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
+        self._bot_hash = functools.lru_cache(maxsize=10_000)(self.store.keyed_hash)
         # (bot, client_id) -> done when the send under way for it has finished (single flight)
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         # flow id -> (record, single-flight key, its done future): answered, not yet stored
         self._unwritten: dict[str, _Unwritten] = {}
+        # Single flight across replicas (a shared store): this process's name on the leases it
+        # holds, and each held lease's renewal task.
+        self._owner = uuid.uuid4().hex
+        self._leases: dict[tuple[str, str], _Renewal] = {}
         self.health: Health | None = None  # told about store errors and successful writes
 
-    def close(self) -> None:
-        self.write_back()
-        self.store.close()
+    async def aclose(self) -> None:
+        await self.write_back()
+        for task in list(self._leases.values()):
+            task.cancel()
+        await self.store.aclose()
 
     def busy(self) -> bool:
         return bool(self._inflight) or bool(self._unwritten) or bool(self.outbox._tasks)
 
-    def write_back(self, flow_id: str | None = None) -> None:
+    async def write_back(self, flow_id: str | None = None) -> None:
         """Store what answered sends taught us (see handle): `flow_id`'s, or every one pending."""
         if flow_id is None:
             pending, self._unwritten = list(self._unwritten.values()), {}
@@ -180,23 +215,40 @@ class PeerTracker:
             return
         for record, key, done in pending:
             try:
-                record()  # _apply: store faults are handled there
+                await record()  # _apply: store faults are handled there
             except Exception as e:  # the gateway has its answer; only our memory of it is lost
                 log.warning(f"peer state: could not record a send: {type(e).__name__}: {e}")
                 if self.health is not None:
                     self.health.failed(component_of(e), e)
             finally:
-                self._settle(key, done)
+                await self._settle(key, done)
 
-    def _settle(self, key: tuple[str, str] | None, done: asyncio.Future[None]) -> None:
+    async def _settle(self, key: tuple[str, str] | None, done: asyncio.Future[None]) -> None:
         if key and self._inflight.get(key) is done:
             del self._inflight[key]
+            if (renewal := self._leases.pop(key, None)) is not None:
+                # After the record is stored: a replica waiting for this message reads it next.
+                renewal.cancel()
+                await self._store_call("release_lease", self.store.release_lease(*key, self._owner))
         if not done.done():
             done.set_result(None)
 
+    # ------------------------------------------------------------------ the store, unavailable
+
+    async def _store_call(self, operation: str, call: Awaitable[Any], default: Any = None) -> Any:
+        """`call`'s result, or `default` when the store cannot answer (counted and logged: see
+        _store_failed). For the calls whose failure changes nothing but what is shared."""
+        try:
+            result = await call
+        except self.store.errors as e:
+            self._store_failed(e, operation)
+            return default
+        self._store_ok()
+        return result
+
     # ------------------------------------------------------------------ learning from getupdates
 
-    def observe_updates(self, flow: http.HTTPFlow) -> int:
+    async def observe_updates(self, flow: http.HTTPFlow) -> int:
         """Record each inbound message's sender and context_token; returns how many were seen."""
         if flow.response is None or flow.response.status_code != 200:
             return 0
@@ -211,18 +263,22 @@ class PeerTracker:
         self.remember_auth(bot, flow.request)
         now = self._now()
         seen = 0
+        store = self.store
         for msg in msgs:
             if not isinstance(msg, dict) or not (peer := _text(msg.get("from_user_id"))):
                 continue
             token = _text(msg.get("context_token"))
-            self.store.saw_inbound(bot, peer, self.store.keyed_hash(token) if token else None, now)
-            if token:
-                self._fresh[(bot, peer)] = token
-                self._fresh.move_to_end((bot, peer))
-                if len(self._fresh) > FRESH_CACHE_SIZE:
-                    self._fresh.popitem(last=False)
+            # Each inbound message on its own: the poll's answer passes on whatever the store says.
+            try:
+                await store.saw_inbound(bot, peer, store.keyed_hash(token) if token else None, now)
+                if token:
+                    await store.remember_fresh(bot, peer, token)
+            except store.errors as e:
+                self._store_failed(e, "saw_inbound")
+            else:
+                self._store_ok()
             if (auth := self._auth.get(bot)) is not None:
-                self.outbox.on_inbound(bot, peer, token or self.fresh_token(bot, peer), auth)
+                await self.outbox.on_inbound(bot, peer, token or await self.fresh_token(bot, peer), auth)
             seen += 1
         if seen:
             log.info(f"getupdates: {seen} inbound message(s); their senders' send windows are open")
@@ -234,24 +290,23 @@ class PeerTracker:
             if len(self._auth) > 10_000:
                 self._auth.pop(next(iter(self._auth)))
 
-    def flush_requested(self) -> None:
-        """Serve `ilink-fixproxy outbox flush PEER` requests left in the state file."""
-        for wanted in self.store.take_flush_requests():
-            for q in self.store.outbox():
+    async def flush_requested(self) -> None:
+        """Serve `ilink-fixproxy outbox flush PEER` requests left in the store."""
+        for wanted in await self.store.take_flush_requests():
+            for q in await self.store.outbox():
                 if wanted in (q.peer, token_hash(q.peer)) and (auth := self._auth.get(q.bot)):
-                    self.outbox.on_inbound(q.bot, q.peer, self.fresh_token(q.bot, q.peer), auth)
+                    await self.outbox.on_inbound(q.bot, q.peer, await self.fresh_token(q.bot, q.peer), auth)
 
     def bot_of(self, request: http.Request) -> str:
         return self._bot_hash(request.headers.get("authorization", ""))
 
-    def fresh_token(self, bot: str, peer: str | None) -> str | None:
+    async def fresh_token(self, bot: str, peer: str | None) -> str | None:
         """The newest token seen for the peer, if the store still agrees it is the newest."""
-        if not peer or (token := self._fresh.get((bot, peer))) is None:
+        if not peer or (token := await self.store.fresh(bot, peer)) is None:
             return None
-        p = self.store.peer(bot, peer)
+        p = await self.store.peer(bot, peer)
         if p is None or p.newest_token != self.store.keyed_hash(token):
-            self._fresh.pop((bot, peer), None)  # forgotten (`state forget`) or superseded
-            return None
+            return None  # forgotten (`state forget`) or superseded
         return token
 
     # ------------------------------------------------------------------ a send
@@ -290,39 +345,50 @@ class PeerTracker:
         # have started an exchange meanwhile: wait for that one too.
         while key and (running := self._inflight.get(key)) is not None:
             await asyncio.shield(running)
-        now = self._now()
-        snap = self._snapshot(rule, bot, peer, client_id, token, now)
-        gate = policy.gate(snap, rule, now)
-        if isinstance(gate, LocalAnswer):
-            return Outcome(
-                _local_response(gate.status, gate.body, gate.note, _list(gate.headers)), gate.decision
-            )
-        if isinstance(gate, Defer):
-            if peer:
-                return self._deferred(
-                    rule, bot, peer, client_id, flow.request, flow.server_conn.via, gate.refusal
-                )
-            gate = Go(prior=snap.message.attempts if snap.message else 0)  # nobody to defer for
-
-        send = _Send(
-            rule=rule,
-            request=flow.request,  # not copied: nothing changes it once this hook answers
-            via=flow.server_conn.via,
-            bot=bot,
-            peer=peer,
-            client_id=client_id,
-            token=token,
-            deadline=flow.request.timestamp_start + rule.action.deadline_s,
-        )
-        # Run right here, in mitmproxy's hook task: mitmproxy never cancels a hook task when the
-        # gateway hangs up (it only abandons its own upstream exchange; proxy/server.py in 11.0
-        # and 12.3), so the exchange still completes and is recorded. A separate shielded task
-        # cost three more event-loop turns per send.
+        # Taken before the store is read (a shared store's reads suspend: a retry arriving
+        # meanwhile must wait for this one), released once what it taught us is stored.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if key:
             self._inflight[key] = done
         outcome = None
         try:
+            # Single flight across replicas (a shared store): a lease on the message, taken before
+            # its record is read and held until what the exchange taught us is stored. Held by
+            # another replica: wait for its outcome (published when it lets go, or the lease
+            # expiring), then look again, as a local retry does after `running`.
+            ttl = rule.action.deadline_s + LEASE_MARGIN_S if key is not None and self.store.shared else None
+            while True:
+                now = self._now()
+                snap = await self._snapshot(rule, bot, peer, client_id, token, now, lease_ttl=ttl)
+                if snap is not None:
+                    break
+                await self._store_call("wait_lease", self.store.wait_lease(*key, ttl))  # type: ignore[misc]
+            gate = policy.gate(snap, rule, now)
+            if isinstance(gate, LocalAnswer):
+                return Outcome(
+                    _local_response(gate.status, gate.body, gate.note, _list(gate.headers)), gate.decision
+                )
+            if isinstance(gate, Defer):
+                if peer:
+                    return await self._deferred(
+                        rule, bot, peer, client_id, flow.request, flow.server_conn.via, gate.refusal
+                    )
+                gate = Go(prior=snap.message.attempts if snap.message else 0)  # nobody to defer for
+
+            send = _Send(
+                rule=rule,
+                request=flow.request,  # not copied: nothing changes it once this hook answers
+                via=flow.server_conn.via,
+                bot=bot,
+                peer=peer,
+                client_id=client_id,
+                token=token,
+                deadline=flow.request.timestamp_start + rule.action.deadline_s,
+            )
+            # Run right here, in mitmproxy's hook task: mitmproxy never cancels a hook task when
+            # the gateway hangs up (it only abandons its own upstream exchange; proxy/server.py in
+            # 11.0 and 12.3), so the exchange still completes and is recorded. A separate shielded
+            # task cost three more event-loop turns per send.
             try:
                 outcome = await self._exchange(
                     send,
@@ -343,43 +409,83 @@ class PeerTracker:
             if outcome is not None and outcome.record is not None:
                 self._unwritten[flow.id] = (outcome.record, key, done)
                 if not write_back_later:
-                    self.write_back(flow.id)
+                    await self.write_back(flow.id)
             else:
-                self._settle(key, done)
+                await self._settle(key, done)
 
-    def _snapshot(
-        self, rule: Rule, bot: str, peer: str | None, client_id: str | None, token: str | None, now: float
-    ) -> Snapshot:
-        """What the store knows about this send, looked up together (one transaction: see batch)."""
+    async def _snapshot(
+        self,
+        rule: Rule,
+        bot: str,
+        peer: str | None,
+        client_id: str | None,
+        token: str | None,
+        now: float,
+        *,
+        lease_ttl: float | None = None,
+    ) -> Snapshot | None:
+        """What the store knows about this send, looked up together (one transaction, or one
+        round trip). Without the store: what memory knows (never worse than no proxy: the send
+        goes, and a stale token is still repaired by the plain re-issue). With `lease_ttl` (a
+        shared store) the message's lease is taken first and kept renewed until _settle; None
+        when another replica holds it."""
         ps = rule.peer_state
         assert ps is not None
         closable = ps.on_closed in ("answer-locally", "defer")
         store = self.store
-        with store.batch(write=False):
-            queued = store.queued_id(bot, client_id) is not None if client_id and peer else False
-            message = self._message(bot, client_id, now - ps.dedupe_s) if client_id else None
-            cooldown = store.cooldown(bot, now)
-            p = store.peer(bot, peer) if peer and closable else None
-            fresh = self.fresh_token(bot, peer) if ps.substitute_fresh and token is not None else None
-            original_stale = (
-                ps.remember_stale and token is not None and store.is_stale(bot, store.keyed_hash(token))
+        since = now - ps.dedupe_s
+        with_fresh = ps.substitute_fresh and token is not None and peer is not None
+        try:
+            r = await store.snapshot(
+                bot,
+                client_id,
+                peer,
+                store.keyed_hash(token) if ps.remember_stale and token is not None else None,
+                since,
+                now,
+                with_peer=closable,
+                with_fresh=with_fresh,
+                lease=(self._owner, lease_ttl) if lease_ttl is not None else None,
             )
-            fresh_stale = fresh is not None and store.is_stale(bot, store.keyed_hash(fresh))
+        except store.errors as e:
+            self._store_failed(e, "snapshot")
+            kept = self._unstored.get((bot, client_id)) if client_id else None
+            return Snapshot(
+                message=kept[0] if kept is not None and kept[1] >= since else None,
+                cooldown=None,
+                window=None,
+                queued=False,
+                fresh=None,
+                original_stale=False,
+                fresh_stale=False,
+            )
+        if store.shared:
+            self._store_ok()
+        if not r.leased:
+            return None
+        if lease_ttl is not None and client_id:
+            key = (bot, client_id)
+            if key not in self._leases:
+                self._leases[key] = _Renewal(self, key, lease_ttl)
+        p = r.peer
+        fresh = r.fresh
+        if fresh is not None and (p is None or p.newest_token != store.keyed_hash(fresh)):
+            fresh = None  # forgotten (`state forget`) or superseded
+        cooldown = r.cooldown
         return Snapshot(
-            message=message,
+            message=self._message(bot, client_id, since, r.message) if client_id else None,
             cooldown=Cooling(cooldown.until, cooldown.status, cooldown.body) if cooldown else None,
-            window=Window(p.closed_until, p.closed_status, p.closed_body) if p else None,
-            queued=queued,
+            window=Window(p.closed_until, p.closed_status, p.closed_body) if p and closable else None,
+            queued=r.queued_id is not None,
             fresh=fresh,
-            original_stale=original_stale,
-            fresh_stale=fresh_stale,
+            original_stale=r.token_stale,
+            fresh_stale=fresh is not None and r.newest_stale,
         )
 
-    def _message(self, bot: str, client_id: str, since: float) -> MessageRecord | None:
-        """The message as known here: what could not be stored (memory), else the store."""
+    def _message(self, bot: str, client_id: str, since: float, m: Message | None) -> MessageRecord | None:
+        """The message as known here: what could not be stored (memory), else the store's `m`."""
         if (kept := self._unstored.get((bot, client_id))) is not None and kept[1] >= since:
             return kept[0]
-        m = self.store.message(bot, client_id, since=since)
         if m is None:
             return None
         if m.state:
@@ -391,7 +497,7 @@ class PeerTracker:
 
     # ------------------------------------------------------------------ the store, and its faults
 
-    def _begin_attempt(self, send: _Send, x: policy.Exchange) -> None:
+    async def _begin_attempt(self, send: _Send, x: policy.Exchange) -> None:
         """Store one more attempt as in flight before it is sent (a crash or a lost answer still
         counts it). If the store cannot, the send still goes, once: remembered in memory."""
         send.began += 1
@@ -402,9 +508,9 @@ class PeerTracker:
         now = self._now()
         record = MessageRecord(MessageState.IN_FLIGHT, x.prior + x.made)
         try:
-            self.store.begin_attempt(send.bot, send.client_id, now, since=now - ps.dedupe_s)
-        except _STORE_ERRORS as e:
-            self._store_failed(e)
+            await self.store.begin_attempt(send.bot, send.client_id, now, since=now - ps.dedupe_s)
+        except self.store.errors as e:
+            self._store_failed(e, "begin_attempt")
             self._remember(send.bot, send.client_id, record, now)
         else:
             self._store_ok()
@@ -417,7 +523,7 @@ class PeerTracker:
         if len(self._unstored) > UNSTORED_MAX:
             self._unstored.popitem(last=False)
 
-    def _store_failed(self, e: BaseException) -> None:
+    def _store_failed(self, e: BaseException, operation: str = "write") -> None:
         if self.health is not None:  # every fault, not only the first: /healthz counts them
             self.health.failed(STATE, e)  # (an OSError here is the store's: disk full, I/O)
         if self._storing:
@@ -435,7 +541,7 @@ class PeerTracker:
             self._storing = True
             log.warning(f"peer state: {self.store.path} is writable again")
 
-    def _apply(self, send: _Send, effects: tuple[Effect, ...], now: float) -> None:
+    async def _apply(self, send: _Send, effects: tuple[Effect, ...], now: float) -> None:
         """Store what a send taught us (one commit); what cannot be stored about the message
         itself is kept in memory, so a retry is still answered from it."""
         ps = send.rule.peer_state
@@ -443,13 +549,18 @@ class PeerTracker:
         store = self.store
         # (looked up first: any write of the batch may be the one that fails)
         settled = next((e.record for e in effects if isinstance(e, SettleMessage)), None)
+        key = (send.bot, send.client_id) if send.client_id else None
+        # The message's lease is let go with its record, after everything else the send taught
+        # us is stored (a waiting replica then reads all of it): the settlement goes last.
+        release = self._owner if key is not None and key in self._leases else None
+        ordered = sorted(effects, key=lambda e: isinstance(e, SettleMessage))
         try:
-            with store.batch(write=True):
-                for effect in effects:
+            async with store.batch(write=True):
+                for effect in ordered:
                     if isinstance(effect, SettleMessage):
                         if send.client_id:
                             answer = effect.record.answer
-                            store.settle_message(
+                            await store.settle_message(
                                 send.bot,
                                 send.client_id,
                                 effect.record.state.value,
@@ -457,17 +568,22 @@ class PeerTracker:
                                 (answer.status, list(answer.headers), answer.body) if answer else None,
                                 now,
                                 since=now - ps.dedupe_s,
+                                release=release,
                             )
+                            if release is not None and (renewal := self._leases.pop(key, None)):  # type: ignore[arg-type]
+                                renewal.cancel()  # released: _settle has nothing left to do
                     elif isinstance(effect, MarkStale):
-                        store.mark_stale(send.bot, store.keyed_hash(effect.token), send.peer or "", now)
+                        await store.mark_stale(send.bot, store.keyed_hash(effect.token), send.peer or "", now)
                     elif isinstance(effect, OpenWindow) and send.peer:
-                        store.open_window(send.bot, send.peer, now)
+                        await store.open_window(send.bot, send.peer, now)
                     elif isinstance(effect, CloseWindow) and send.peer:
-                        store.close_window(send.bot, send.peer, effect.until, effect.status, effect.body, now)
+                        await store.close_window(
+                            send.bot, send.peer, effect.until, effect.status, effect.body, now
+                        )
                     elif isinstance(effect, StartCooldown):
-                        store.start_cooldown(send.bot, effect.until, effect.status, effect.body, now)
-        except _STORE_ERRORS as e:
-            self._store_failed(e)
+                        await store.start_cooldown(send.bot, effect.until, effect.status, effect.body, now)
+        except store.errors as e:
+            self._store_failed(e, "apply")
             if settled is not None and send.client_id:
                 self._remember(send.bot, send.client_id, settled, now)
             return
@@ -482,10 +598,10 @@ class PeerTracker:
         ps = rule.peer_state
         assert ps is not None
 
-        def attempt(step: policy.Step) -> Awaitable[http.Response]:
-            self._begin_attempt(send, x)
+        async def attempt(step: policy.Step) -> http.Response:
+            await self._begin_attempt(send, x)
             first = step.timeout is None
-            return self.reissuer.send(
+            return await self.reissuer.send(
                 send.request,
                 step.body,
                 send.via,
@@ -499,10 +615,10 @@ class PeerTracker:
         trace = tuple(send.trace)
         if c.decision is Decision.FALLBACK:
             log.warning(f"sendmessage: cannot reach upstream ({x.errors[-1]}); mitmproxy forwards it instead")
-            self._apply(send, c.effects, now)
+            await self._apply(send, c.effects, now)
             return Outcome(None, c.decision, trace=trace)
         if c.decision is Decision.UPSTREAM_FAILED:
-            self._apply(send, c.effects, now)
+            await self._apply(send, c.effects, now)
             error = x.errors[-1]
             log.warning(f"sendmessage to {token_hash(send.peer)}: {error}; the gateway gets HTTP 502")
             return Outcome(_failed_response(rule, error), c.decision, trace=trace, delivery=c.delivery)
@@ -532,15 +648,15 @@ class PeerTracker:
             # Stored now: whether it starts a cooldown is part of the answer.
             assert c.final is not None
             try:
-                with self.store.batch(write=True):
-                    limited = self.store.count_limited(send.bot, now, ps.cooldown.within_s)
+                async with self.store.batch(write=True):
+                    limited = await self.store.count_limited(send.bot, now, ps.cooldown.within_s)
                     decision, cooldown = policy.after_rate_limit(
                         rule, limited, c.final.status, c.final.body, now
                     )
                     if cooldown is not None:
-                        self._apply(send, (cooldown,), now)
-            except _STORE_ERRORS as e:
-                self._store_failed(e)
+                        await self._apply(send, (cooldown,), now)
+            except self.store.errors as e:
+                self._store_failed(e, "count_limited")
 
         # A plain pass-through is the common case: logged at debug, so INFO shows what the proxy
         # did; and nothing is worked out for a line nobody will see.
@@ -574,21 +690,24 @@ class PeerTracker:
         )
         outcome = Outcome(final, decision, accepted=accepted, trace=trace, record=record, delivery=c.delivery)
         if decision is Decision.WINDOW_CLOSED and ps.on_closed == "defer" and send.peer:
-            deferred = self._deferred(
-                rule,
-                send.bot,
-                send.peer,
-                send.client_id,
-                send.request,
-                send.via,
-                (final.status_code, final_body),
-            )
+            try:
+                deferred = await self._deferred(
+                    rule,
+                    send.bot,
+                    send.peer,
+                    send.client_id,
+                    send.request,
+                    send.via,
+                    (final.status_code, final_body),
+                )
+            except self.store.errors:
+                return outcome  # nowhere to queue it: the refusal goes back as it came
             return Outcome(
                 deferred.response, deferred.decision, trace=trace, record=record, delivery=c.delivery
             )
         return outcome
 
-    def _deferred(
+    async def _deferred(
         self,
         rule: Rule,
         bot: str,
@@ -601,9 +720,14 @@ class PeerTracker:
         """Queue the send for delivery when the peer writes, and answer per defer_answer."""
         ps = rule.peer_state
         assert ps is not None
-        result, queued = self.outbox.defer(rule, bot, peer, client_id, request, via)
+        try:
+            result, queued = await self.outbox.defer(rule, bot, peer, client_id, request, via)
+        except self.store.errors as e:
+            # Nowhere to keep it: it goes upstream now, as with no proxy (refused again, likely).
+            self._store_failed(e, "enqueue")
+            raise
         if refusal is None:  # a retry of a send already queued: its refusal is not at hand
-            p = self.store.peer(bot, peer)
+            p = await self._store_call("peer", self.store.peer(bot, peer))
             refusal = (p.closed_status or 200, p.closed_body or b"") if p and p.closed_status else (200, b"")
         if result == "full":
             log.warning(f"outbox full for peer {token_hash(peer)}: client_id {client_id or '-'} not queued")
@@ -643,8 +767,8 @@ async def drive(
     there is another attempt, with which token, and whether an answer may be handed back."""
     answers: list[tuple[http.Response, bytes]] = []
     while step is not None:
-        pending = attempt(step)  # (what it does before it sends is not the attempt's time)
-        started = time.monotonic()
+        started = time.monotonic()  # (storing the attempt first is part of its time: ~0.1 ms)
+        pending = attempt(step)
         try:
             response = await pending
         except ReissueError as e:
@@ -721,13 +845,13 @@ def attempt_record(
     return record
 
 
-def describe_state(store: StateStore, *, show_ids: bool) -> str:
+async def describe_state(store: Store, *, show_ids: bool) -> str:
     """The `ilink-fixproxy state` listing."""
     now = time.time()
     lines = []
-    peers = store.peers()
-    started = store.running_proxy_started()
-    lines.append(f"{store.path}: {len(peers)} peer(s), counts {json.dumps(store.counts())}")
+    peers = await store.peers()
+    started = await store.running_proxy_started()
+    lines.append(f"{store.path}: {len(peers)} peer(s), counts {json.dumps(await store.counts())}")
     for p in peers:
         who = p.peer if show_ids else token_hash(p.peer)
         status = "window open"
@@ -735,21 +859,25 @@ def describe_state(store: StateStore, *, show_ids: bool) -> str:
             status = f"window CLOSED for {p.closed_until - now:.0f}s more or until the peer writes"
         seen = f"last inbound {now - p.inbound_at:.0f}s ago" if p.inbound_at else "no inbound seen"
         lines.append(
-            f"  peer {who}  bot {p.bot[:10]}  {status}; {seen}; {_fresh_token_status(p, started, now)}; "
+            f"  peer {who}  bot {p.bot[:10]}  {status}; {seen}; "
+            f"{_fresh_token_status(p, started, now, shared=store.shared)}; "
             f"{p.stale_tokens} stale token(s) remembered"
         )
-    for bot, until, limited in store.bots():
+    for bot, until, limited in await store.bots():
         cooling = f"cooling down for {until - now:.0f}s" if until and until > now else "not cooling down"
         lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s)")
     return "\n".join(lines)
 
 
-def _fresh_token_status(p: Peer, started: float | None, now: float) -> str:
+def _fresh_token_status(p: Peer, started: float | None, now: float, *, shared: bool = False) -> str:
     """Whether a fresh token can be used. The file keeps only its hash; the token itself lives in
-    the memory of the proxy that saw it, so it is usable only while that proxy runs."""
+    the memory of the proxy that saw it, so it is usable only while that proxy runs. A shared
+    store keeps it encrypted, for every replica."""
     if not p.newest_token or p.newest_seen is None:
         return "no fresh token"
     age = f"{now - p.newest_seen:.0f}s ago"
+    if shared:
+        return f"fresh token seen {age} (kept encrypted in the shared store)"
     if started is not None and p.newest_seen >= started:
         return f"fresh token seen {age} (in the running proxy's memory only, lost on restart)"
     return f"no fresh token (the one seen {age} was lost when the proxy that saw it stopped)"

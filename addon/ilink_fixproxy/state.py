@@ -8,7 +8,8 @@ attempts and the accepted answer, for idempotency. Tokens are stored only as key
 oldest rows are evicted.
 
 All methods are synchronous and called from mitmproxy's single event-loop thread, so SQLite
-sees one writer at a time; each call is a short indexed statement.
+sees one writer at a time; each call is a short indexed statement. The engine reaches them
+through `SqliteStore`, the asynchronous `ports.Store` facade (whose calls never suspend).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import os
 import secrets
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA_VERSION = 1
 MEMORY = ":memory:"
@@ -131,6 +134,20 @@ class Cooldown:
     until: float
     status: int
     body: bytes
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What the engine reads for one send, looked up together (`Store.snapshot`)."""
+
+    queued_id: int | None
+    message: Message | None
+    cooldown: Cooldown | None
+    peer: Peer | None
+    fresh: str | None  # the newest token kept for the peer (the engine checks it is still newest)
+    token_stale: bool  # the token hash asked about is a proven-stale one
+    newest_stale: bool  # the peer's newest token (by its hash) is a proven-stale one
+    leased: bool = True  # False: another process holds the message's lease (nothing was read)
 
 
 class StateStore:
@@ -737,3 +754,220 @@ class StateStore:
 
 def default_path(confdir: str) -> str:
     return str(Path(os.path.expanduser(confdir)) / DEFAULT_NAME)
+
+
+FRESH_CACHE_SIZE = 100_000
+
+
+class _Batch:
+    """`async with` around StateStore.batch: nothing in it suspends, so it stays one transaction
+    (a class, not asynccontextmanager: this runs twice per send)."""
+
+    __slots__ = ("_cm",)
+
+    def __init__(self, store: StateStore, write: bool) -> None:
+        self._cm = store.batch(write=write)
+
+    async def __aenter__(self) -> None:
+        self._cm.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cm.__exit__(*exc)  # type: ignore[arg-type]
+
+
+class SqliteStore:
+    """The state file behind the engine's asynchronous `ports.Store`: each method does its short
+    synchronous SQLite work and returns, never suspending (so SQLite still sees one writer at a
+    time, and a send costs what it did). Fresh context_tokens stay in this process's memory:
+    the file never holds a token in clear, and one file serves one proxy."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+    shared = False
+
+    def __init__(self, db: StateStore) -> None:
+        self.db = db
+        self.path = db.path
+        self.keyed_hash = db.keyed_hash
+        self._fresh: OrderedDict[tuple[str, str], str] = OrderedDict()  # clear tokens: memory only
+
+    def batch(self, *, write: bool) -> _Batch:
+        return _Batch(self.db, write)
+
+    def file_problem(self) -> str | None:
+        return self.db.file_problem()
+
+    async def aclose(self) -> None:
+        self.db.close()
+
+    # reads
+    async def message(self, bot: str, client_id: str, since: float) -> Message | None:
+        return self.db.message(bot, client_id, since)
+
+    async def queued_id(self, bot: str, client_id: str) -> int | None:
+        return self.db.queued_id(bot, client_id)
+
+    async def snapshot(
+        self,
+        bot: str,
+        client_id: str | None,
+        peer: str | None,
+        token_hash: str | None,
+        since: float,
+        now: float,
+        *,
+        with_peer: bool,
+        with_fresh: bool,
+        lease: tuple[str, float] | None = None,
+    ) -> Reads:
+        # (one process per file: its own single flight suffices, every lease is granted)
+        db = self.db
+        with db.batch(write=False):  # one transaction: see StateStore.batch
+            p = db.peer(bot, peer) if peer and (with_peer or with_fresh) else None
+            return Reads(
+                queued_id=db.queued_id(bot, client_id) if client_id and peer else None,
+                message=db.message(bot, client_id, since) if client_id else None,
+                cooldown=db.cooldown(bot, now),
+                peer=p,
+                fresh=self._fresh.get((bot, peer)) if with_fresh and peer else None,
+                token_stale=db.is_stale(bot, token_hash) if token_hash else False,
+                newest_stale=(
+                    db.is_stale(bot, p.newest_token)
+                    if with_fresh and p is not None and p.newest_token and (bot, peer) in self._fresh
+                    else False
+                ),
+            )
+
+    async def cooldown(self, bot: str, now: float) -> Cooldown | None:
+        return self.db.cooldown(bot, now)
+
+    async def peer(self, bot: str, peer: str) -> Peer | None:
+        return self.db.peer(bot, peer)
+
+    async def is_stale(self, bot: str, token_hash: str) -> bool:
+        return self.db.is_stale(bot, token_hash)
+
+    async def fresh(self, bot: str, peer: str) -> str | None:
+        return self._fresh.get((bot, peer))
+
+    # writes
+    async def begin_attempt(self, bot: str, client_id: str, now: float, since: float) -> None:
+        self.db.begin_attempt(bot, client_id, now, since)
+
+    async def settle_message(
+        self,
+        bot: str,
+        client_id: str,
+        state: str,
+        attempts: int,
+        answer: tuple[int, list[tuple[str, str]], bytes] | None,
+        now: float,
+        since: float,
+        release: str | None = None,  # (no leases: one process per file)
+    ) -> None:
+        self.db.settle_message(bot, client_id, state, attempts, answer, now, since)
+
+    async def record_attempts(
+        self,
+        bot: str,
+        client_id: str,
+        attempts: int,
+        accepted: bool,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        now: float,
+        since: float,
+    ) -> None:
+        self.db.record_attempts(bot, client_id, attempts, accepted, status, headers, body, now, since)
+
+    async def mark_stale(self, bot: str, token_hash: str, peer: str, now: float) -> None:
+        self.db.mark_stale(bot, token_hash, peer, now)
+
+    async def open_window(self, bot: str, peer: str, now: float) -> None:
+        self.db.open_window(bot, peer, now)
+
+    async def close_window(
+        self, bot: str, peer: str, until: float, status: int, body: bytes, now: float
+    ) -> None:
+        self.db.close_window(bot, peer, until, status, body, now)
+
+    async def count_limited(self, bot: str, now: float, window_s: float) -> int:
+        return self.db.count_limited(bot, now, window_s)
+
+    async def start_cooldown(self, bot: str, until: float, status: int, body: bytes, now: float) -> None:
+        self.db.start_cooldown(bot, until, status, body, now)
+
+    async def saw_inbound(self, bot: str, peer: str, token_hash: str | None, now: float) -> None:
+        self.db.saw_inbound(bot, peer, token_hash, now)
+
+    async def remember_fresh(self, bot: str, peer: str, token: str) -> None:
+        self._fresh[(bot, peer)] = token
+        self._fresh.move_to_end((bot, peer))
+        if len(self._fresh) > FRESH_CACHE_SIZE:
+            self._fresh.popitem(last=False)
+
+    # single flight: one process per file (the flock), whose own in-memory single flight suffices
+    async def take_lease(self, bot: str, client_id: str, owner: str, ttl_s: float) -> bool:
+        return True
+
+    async def release_lease(self, bot: str, client_id: str, owner: str) -> None:
+        return None
+
+    async def wait_lease(self, bot: str, client_id: str, timeout_s: float) -> None:
+        return None
+
+    # the outbox
+    async def enqueue(self, **kw: Any) -> tuple[str, int | None]:
+        return self.db.enqueue(**kw)
+
+    async def outbox(self, bot: str | None = None, peer: str | None = None, limit: int = -1) -> list[Queued]:
+        return self.db.outbox(bot, peer, limit)
+
+    async def outbox_count(self, bot: str, peer: str) -> int:
+        return self.db.outbox_count(bot, peer)
+
+    async def outbox_rules(self) -> list[str]:
+        return self.db.outbox_rules()
+
+    async def claim(self, queued_id: int, ttl_s: float) -> bool:
+        return True  # one process per file: Outbox's own `_active` keeps flushes apart
+
+    async def unclaim(self, queued_id: int) -> None:
+        return None
+
+    async def dequeue(self, queued_id: int) -> bool:
+        return self.db.dequeue(queued_id)
+
+    async def note_failure(self, queued_id: int, error: str) -> int:
+        return self.db.note_failure(queued_id, error)
+
+    async def expire(self, now: float, max_age_s: float, rule: str | None = None) -> list[Queued]:
+        return self.db.expire(now, max_age_s, rule)
+
+    async def outbox_stats(self, now: float) -> dict[str, float]:
+        return self.db.outbox_stats(now)
+
+    async def request_flush(self, peer: str, now: float) -> None:
+        self.db.request_flush(peer, now)
+
+    async def take_flush_requests(self) -> list[str]:
+        return self.db.take_flush_requests()
+
+    async def bump(self, name: str, by: int = 1) -> None:
+        self.db.bump(name, by)
+
+    # the `state` command and /metrics
+    async def peers(self) -> list[Peer]:
+        return self.db.peers()
+
+    async def bots(self) -> list[tuple[str, float | None, int]]:
+        return self.db.bots()
+
+    async def counts(self) -> dict[str, int]:
+        return self.db.counts()
+
+    async def forget_peer(self, peer_or_hash: str, hasher: Any = None) -> int:
+        return self.db.forget_peer(peer_or_hash, hasher)
+
+    async def running_proxy_started(self) -> float | None:
+        return self.db.running_proxy_started()
