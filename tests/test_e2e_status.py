@@ -1,0 +1,211 @@
+"""End to end: `/status` on the `--metrics` listener, served by the real proxy after real traffic
+through the fake iLink (a repaired stale send, a substituted token, a send accepted without a
+message_id, a closed window whose sends are deferred), read by headless Chromium as an operator's
+browser reads it; and nothing secret on it, ever."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from browser import Browser, chromium
+from conftest import ROOT, SEND, UPDATES, core_rules, start_proxy, upstream_args
+from ilink_fixproxy.launcher import ProxyProcess
+from ilink_fixproxy.redact import token_hash
+from ilink_fixproxy.sandbox import FakeILink, TestPKI
+
+BOT_TOKEN = "status-bot@im.bot:Sh0uldNeverAppear-b0t-t0ken"
+HEADERS = {
+    "Content-Type": "application/json",
+    "AuthorizationType": "ilink_bot_token",
+    "Authorization": f"Bearer {BOT_TOKEN}",
+}
+ALICE, BOB, CAROL, DAVE = (f"wxid_{n}_status@im.wechat" for n in ("alice", "bob", "carol", "dave"))
+TEXT = "private text: the quarterly numbers"
+STALE = "AARzJWAFAAAB-status-stale-token-{}"
+
+
+def metrics_base(p: ProxyProcess) -> str:
+    m = re.search(r"metrics on (http://\S+)/metrics", p.output)
+    assert m, p.output
+    return m.group(1)
+
+
+def send(client: httpx.Client, p: ProxyProcess, peer: str, token: str, client_id: str) -> httpx.Response:
+    msg = {
+        "to_user_id": peer,
+        "client_id": client_id,
+        "message_type": 2,
+        "message_state": 2,
+        "item_list": [{"type": 1, "text_item": {"text": TEXT}}],
+        "context_token": token,
+    }
+    return client.post(p.url + SEND, content=json.dumps({"msg": msg}).encode(), headers=HEADERS)
+
+
+def traffic(client: httpx.Client, p: ProxyProcess, fake: FakeILink) -> str:
+    """Four people in four situations; returns the fresh token alice's message brought."""
+    fresh = fake.push_inbound(ALICE, TEXT)
+    client.post(p.url + UPDATES, content=b'{"get_updates_buf":""}', headers=HEADERS)
+    assert (
+        send(client, p, ALICE, STALE.format(1), "st-1").headers["x-ilink-fixproxy"].startswith("substituted")
+    )
+    assert send(client, p, BOB, STALE.format(2), "st-2").headers["x-ilink-fixproxy"].startswith("repaired")
+    fake.dropping_peers.add(DAVE)
+    assert "unconfirmed" in send(client, p, DAVE, STALE.format(3), "st-3").headers["x-ilink-fixproxy"]
+    fake.tokenless_delivers = False  # carol's window is closed: refused with and without the token
+    for cid in ("st-4", "st-5"):
+        assert send(client, p, CAROL, STALE.format(4), cid).headers["x-ilink-fixproxy"].startswith("deferred")
+    return fresh
+
+
+@pytest.fixture(scope="module")
+def served(
+    fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ProxyProcess, str, str]]:
+    """A proxy with --defer and --metrics that has seen the traffic above: (proxy, base, fresh)."""
+    fake_server.reset()
+    conf = tmp_path_factory.mktemp("status")
+    with (
+        start_proxy(
+            *upstream_args(fake_server, pki, conf),
+            "--rules",
+            str(ROOT / "rules.yaml"),
+            "--state",
+            str(conf / "state.sqlite3"),
+            "--defer",
+            "--metrics",
+            "127.0.0.1:0",
+        ) as p,
+        httpx.Client(trust_env=False, timeout=30) as client,
+    ):
+        fresh = traffic(client, p, fake_server)
+        yield p, metrics_base(p), fresh
+    fake_server.reset()
+
+
+def _need_chromium() -> str:
+    found = chromium()
+    if found:
+        return found
+    reason = "chromium is not installed (Debian: apt-get install chromium)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and the browser test cannot run: {reason}", pytrace=False)
+    pytest.skip(f"{reason} (with CI=true this fails)")
+
+
+def test_the_page_answers_who_can_be_reached_and_what_happens_to_messages(served):
+    binary = _need_chromium()
+    _, base, _ = served
+    with Browser(binary) as browser:
+        page = browser.load(base + "/status")
+        text = page.text()
+        requested = page.requested()
+    origin = urlsplit(base).netloc
+    # everything the page made the browser fetch came from the proxy (here: only the page)
+    assert requested and all(urlsplit(u).netloc == origin for u in requested), requested
+    assert requested == [base + "/status"], requested
+
+    assert "Healthy: the proxy is working." in text
+    assert "Can your bot reach each person right now?" in text
+    rows = {line.split("\t")[0]: line for line in text.splitlines() if line.startswith("#")}
+    carol, alice = rows[token_hash(CAROL)], rows[token_hash(ALICE)]
+    # carol: window closed, her two sends held, and what happens next in plain words
+    assert "no: window closed" in carol
+    assert "\t2\t" in carol  # messages waiting
+    assert "Held in the outbox and delivered as soon as they write to your bot" in carol
+    assert "dropped if they do not write within 1 d" in carol
+    # alice wrote: reachable, and the stale token the gateway sent is remembered
+    assert "\tyes\t" in alice and "s ago" in alice
+    assert "unknown" in alice  # the send budget, until the store knows it
+    assert "2 message(s) waiting in the outbox" in text
+    # recent decisions, newest first: the repaired stale send with its two attempts
+    recent = [line for line in text.splitlines() if line.count("\t") >= 8 and "sendmessage" in line]
+    bob = next(line for line in recent if token_hash(BOB) in line)
+    assert "\trepaired\t2\toriginal -> none\t200 ret=-2, 200 ret=0\tconfirmed\t200" in bob
+    dave = next(line for line in recent if token_hash(DAVE) in line)
+    assert "\tpassed\t" in dave and "\tunconfirmed\t" in dave
+    assert [line.split("\t")[4] for line in recent][:3] == ["deferred", "deferred", "passed"]
+    # the charts' legends count this traffic
+    assert re.search(r"held for later: 2\b", text), text
+    assert re.search(r"unconfirmed: 1\b", text), text
+
+
+def test_nothing_secret_on_the_page_or_in_its_data(served):
+    _, base, fresh = served
+    page = httpx.get(base + "/status", trust_env=False).text
+    data = httpx.get(base + "/status.json", trust_env=False).text
+    secrets = [
+        BOT_TOKEN,
+        BOT_TOKEN.split(":")[1],
+        fresh,
+        TEXT,
+        "quarterly",
+        *(STALE.format(i) for i in range(1, 5)),
+    ]
+    ids = [ALICE, BOB, CAROL, DAVE, "wxid_"]
+    for body in (page, data):
+        for value in [*secrets, *ids]:
+            assert value not in body
+        for value in (ALICE, BOB, CAROL, DAVE):
+            assert token_hash(value) in body  # hashed as in the log lines
+    assert json.loads(data)["healthy"] is True
+
+
+def test_the_page_loads_nothing_from_anywhere(served):
+    _, base, _ = served
+    r = httpx.get(base + "/status", trust_env=False)
+    assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+    assert r.headers["content-security-policy"].startswith("default-src 'none';")
+    assert "<script" not in r.text.lower()
+    assert "://" not in r.text  # no URL at all, so nothing to fetch or link out to
+    assert not re.search(r"(?i)\b(src|srcset|action)\s*=", r.text)
+    assert re.findall(r'(?i)href="([^"]*)"', r.text) == ["data:,"]
+    assert '<meta http-equiv="refresh" content="10">' in r.text
+
+
+def test_clear_ids_only_with_capture_ids(fake: FakeILink, pki: TestPKI, tmp_path: Path):
+    with (
+        start_proxy(
+            *upstream_args(fake, pki, tmp_path / "conf"),
+            "--rules",
+            str(ROOT / "rules.yaml"),
+            "--state",
+            ":memory:",
+            "--metrics",
+            "127.0.0.1:0",
+            "--capture",
+            str(tmp_path / "capture"),
+            "--capture-ids",
+        ) as p,
+        httpx.Client(trust_env=False, timeout=30) as client,
+    ):
+        fake.push_inbound(ALICE, TEXT)
+        client.post(p.url + UPDATES, content=b'{"get_updates_buf":""}', headers=HEADERS)
+        send(client, p, BOB, STALE.format(9), "ids-1")
+        page = client.get(metrics_base(p) + "/status").text
+    assert ALICE in page and BOB in page  # the operator asked for ids in clear
+    assert "(<code>--capture-ids</code> is on)" in page
+    assert BOT_TOKEN not in page and TEXT not in page and STALE.format(9) not in page
+
+
+def test_without_peer_state_the_page_says_it_cannot_tell(proxy_plain):
+    base = proxy_plain
+    page = httpx.get(base + "/status", trust_env=False).text
+    assert "Peer state is off" in page
+    assert "Healthy: the proxy is working." in page
+
+
+@pytest.fixture
+def proxy_plain(fake: FakeILink, pki: TestPKI, tmp_path: Path) -> Iterator[str]:
+    rules = core_rules(tmp_path)  # the shipped rules without peer_state
+    with start_proxy(
+        *upstream_args(fake, pki, tmp_path), "--rules", str(rules), "--metrics", "127.0.0.1:0"
+    ) as p:
+        yield metrics_base(p)
