@@ -19,6 +19,7 @@ from conftest import ROOT, SEND, UPDATES, core_rules, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess
 from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import FakeILink, TestPKI
+from test_e2e_outbox import wait_for
 
 BOT_TOKEN = "status-bot@im.bot:Sh0uldNeverAppear-b0t-t0ken"
 HEADERS = {
@@ -32,8 +33,11 @@ STALE = "AARzJWAFAAAB-status-stale-token-{}"
 
 
 def metrics_base(p: ProxyProcess) -> str:
+    """The metrics listener's address, once the proxy has started (until its event loop has run,
+    /healthz and /status say "starting")."""
     m = re.search(r"metrics on (http://\S+)/metrics", p.output)
     assert m, p.output
+    wait_for(lambda: httpx.get(m.group(1) + "/healthz", trust_env=False).status_code == 200)
     return m.group(1)
 
 
@@ -120,7 +124,7 @@ def test_the_page_answers_who_can_be_reached_and_what_happens_to_messages(served
     assert "no: window closed" in carol
     assert "\t2\t" in carol  # messages waiting
     assert "Held in the outbox and delivered as soon as they write to your bot" in carol
-    assert "dropped if they do not write within 1 d" in carol
+    assert "dropped if they do not write within 1 day)" in carol
     # alice wrote: reachable, and the stale token the gateway sent is remembered
     assert "\tyes\t" in alice and "s ago" in alice
     assert "unknown" in alice  # the send budget, until the store knows it

@@ -154,7 +154,8 @@ class Activity:
             )
         )
         minute = int(now // 60)
-        self._decisions.setdefault(minute, Counter())[str(x.decision)] += 1
+        if x.endpoint == "sendmessage":  # the charts are about messages
+            self._decisions.setdefault(minute, Counter())[str(x.decision)] += 1
         if x.delivery:
             self._deliveries.setdefault(minute, Counter())[str(x.delivery)] += 1
         for counts in (self._decisions, self._deliveries):
@@ -162,7 +163,8 @@ class Activity:
                 del counts[old]
 
     def window(self, now: float) -> tuple[Minute, ...]:
-        """The last `minutes` minutes, oldest first, each with its counts (empty ones included)."""
+        """The last `minutes` minutes, oldest first, each with its counts of sends by decision and
+        by delivery evidence (empty minutes included)."""
         last = int(now // 60)
         return tuple(
             Minute(

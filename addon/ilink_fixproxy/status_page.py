@@ -71,6 +71,7 @@ table{border-collapse:collapse;width:100%;font-size:13.5px}
 th{text-align:left;color:#556;font-weight:600;border-bottom:2px solid #e3e6eb;padding:5px 8px}
 td{border-bottom:1px solid #eef0f3;padding:5px 8px;vertical-align:top}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.nowrap{white-space:nowrap}
 code,.id{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;font-size:12.5px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12.5px;font-weight:600;
  white-space:nowrap}
@@ -92,7 +93,7 @@ def _e(value: object) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """12 s, 4 min, 2 h 5 min, 3 d 4 h: what an operator reads at a glance."""
+    """12 s, 4 min, 2 h 5 min, 3 days 4 h: what an operator reads at a glance."""
     if seconds is None:
         return NONE
     s = max(int(seconds), 0)
@@ -104,7 +105,8 @@ def duration(seconds: float | None) -> str:
         h, m = divmod(s // 60, 60)
         return f"{h} h {m} min" if m else f"{h} h"
     d, h = divmod(s // 3600, 24)
-    return f"{d} d {h} h" if h else f"{d} d"
+    days = "1 day" if d == 1 else f"{d} days"
+    return f"{days} {h} h" if h else days
 
 
 def clock(ts: float) -> str:
@@ -218,7 +220,7 @@ def _peers(snap: Snapshot) -> str:
             else "This proxy answers such sends at once with iLink's refusal (start it with "
             "<code>--defer</code> to hold them until the person writes instead)."
         )
-        + "</p>"
+        + " A person is listed once they have written to the bot or a send to them was refused.</p>"
     )
     if snap.store_error:
         return head + hint + f'<p class="b-no badge">{_e(snap.store_error)}</p></section>'
@@ -246,7 +248,7 @@ def _peers(snap: Snapshot) -> str:
             "<tr>"
             f'<td class="id">{_e(p.peer)}</td><td class="id">{_e(p.bot)}</td>'
             f'<td><span class="badge {badge}">{_e(reach)}</span></td>'
-            f"<td>{_e(_ago(p.inbound_age_s))}</td>"
+            f'<td class="nowrap">{_e(_ago(p.inbound_age_s))}</td>'
             f"{budget}"
             f'<td class="num">{p.stale_tokens}</td><td class="num">{p.queued}</td>'
             f"<td>{_e(fate)}</td></tr>"
@@ -261,7 +263,7 @@ def _peers(snap: Snapshot) -> str:
         head
         + hint
         + outbox
-        + "<table><thead><tr><th>Person</th><th>Bot</th><th>Reachable now?</th><th>Last wrote to the bot</th>"
+        + "<table><thead><tr><th>Person</th><th>Bot</th><th>Reachable now?</th><th>Last wrote</th>"
         "<th>Sends left</th><th>Stale tokens remembered</th><th>Messages waiting</th>"
         "<th>What happens to a message sent now</th></tr></thead><tbody>"
         + "".join(rows)
@@ -350,7 +352,7 @@ def _charts(snap: Snapshot) -> str:
     hour = len(snap.minutes)
     return (
         f'<section id="charts"><h2>The last {hour} minutes on this replica</h2><div class="charts">'
-        f'<div class="chart"><b>What the proxy did with each request</b> (per minute)'
+        f'<div class="chart"><b>What the proxy did with each send</b> (per minute)'
         + _bars(snap.minutes, [(g, c) for g, (c, _) in _GROUPS.items()], by_group, "decisions per minute")
         + legend(_GROUPS, group_totals)
         + f'<p class="hint">By decision: {detail or "nothing yet"}. <i>Sent</i> includes repairs; '
