@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,10 +16,13 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from browser import Browser, chromium
-from conftest import ROOT, SEND, UPDATES, core_rules, start_proxy, upstream_args
+from conftest import ROOT, SEND, UPDATES, core_rules, send_body, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess
 from ilink_fixproxy.redact import token_hash
 from ilink_fixproxy.sandbox import FakeILink, TestPKI
+from prometheus_client.parser import text_string_to_metric_families
+from test_e2e_health import REISSUE_FAULT, health
+from test_e2e_health import start as start_health
 from test_e2e_outbox import wait_for
 
 BOT_TOKEN = "status-bot@im.bot:Sh0uldNeverAppear-b0t-t0ken"
@@ -29,6 +33,7 @@ HEADERS = {
 }
 ALICE, BOB, CAROL, DAVE = (f"wxid_{n}_status@im.wechat" for n in ("alice", "bob", "carol", "dave"))
 TEXT = "private text: the quarterly numbers"
+SECRET_PATH = "bot-path-Sh0uldNeverAppear"
 STALE = "AARzJWAFAAAB-status-stale-token-{}"
 
 
@@ -55,6 +60,8 @@ def send(client: httpx.Client, p: ProxyProcess, peer: str, token: str, client_id
 
 def traffic(client: httpx.Client, p: ProxyProcess, fake: FakeILink) -> str:
     """Four people in four situations; returns the fresh token alice's message brought."""
+    # a path iLink does not have, carrying what could be a secret: shown as "other"
+    assert client.post(p.url + "/ilink/bot/" + SECRET_PATH, content=b"{}", headers=HEADERS).status_code == 404
     fresh = fake.push_inbound(ALICE, TEXT)
     client.post(p.url + UPDATES, content=b'{"get_updates_buf":""}', headers=HEADERS)
     assert (
@@ -160,6 +167,7 @@ def test_nothing_secret_on_the_page_or_in_its_data(served):
         for value in (ALICE, BOB, CAROL, DAVE):
             assert token_hash(value) in body  # hashed as in the log lines
     assert json.loads(data)["healthy"] is True
+    assert "<td>other</td>" in page
 
 
 def test_the_page_loads_nothing_from_anywhere(served):
@@ -213,3 +221,92 @@ def proxy_plain(fake: FakeILink, pki: TestPKI, tmp_path: Path) -> Iterator[str]:
         *upstream_args(fake, pki, tmp_path), "--rules", str(rules), "--metrics", "127.0.0.1:0"
     ) as p:
         yield metrics_base(p)
+
+
+# ------------------------------------------------------------------ when things go wrong
+
+
+def scrape(base: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(base + "/metrics", trust_env=False).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def test_a_failing_store_is_on_the_page_and_in_store_up(fake: FakeILink, pki: TestPKI, tmp_path: Path):
+    state_dir = tmp_path / "state"
+    with start_health(
+        *upstream_args(fake, pki, tmp_path / "conf"),
+        "--rules",
+        str(ROOT / "rules.yaml"),
+        "--state",
+        str(state_dir / "s.db"),
+    ) as p:
+        base = metrics_base(p)
+        up = scrape(base)
+        assert up[("ilink_fixproxy_store_up", frozenset())] == 1
+        assert up[("ilink_fixproxy_healthy", frozenset())] == 1
+        state_dir.rename(tmp_path / "elsewhere")
+        page = httpx.get(base + "/status", trust_env=False).text
+        assert "Not healthy: the proxy cannot do its job fully." in page
+        assert "is gone (deleted or moved away)" in page
+        down = scrape(base)
+        assert down[("ilink_fixproxy_store_up", frozenset())] == 0
+        assert down[("ilink_fixproxy_healthy", frozenset())] == 0
+        (tmp_path / "elsewhere").rename(state_dir)
+        assert scrape(base)[("ilink_fixproxy_store_up", frozenset())] == 1
+        assert "Healthy: the proxy is working." in httpx.get(base + "/status", trust_env=False).text
+
+
+def test_the_page_answers_while_the_event_loop_is_stuck(tmp_path: Path):
+    rules = tmp_path / "rules.yaml"
+    text = (ROOT / "rules.yaml").read_text()
+    rules.write_text(text)
+    with start_health(
+        "--rules", str(rules), "--state", ":memory:", "--confdir", str(tmp_path / "conf"),
+        "--set", "ilink_health_stall_s=1",
+    ) as p:  # fmt: skip
+        base = metrics_base(p)
+        # as in test_e2e_health: a rules file that is a FIFO with no writer blocks the loop in open()
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        os.replace(fifo, rules)
+        released = threading.Event()
+
+        def release() -> None:
+            with open(rules, "w") as writer:
+                writer.write(text)
+            released.set()
+
+        try:
+            wait_for(lambda: health(p)[1].startswith("unhealthy: event loop stuck"), timeout=30)
+            page = httpx.get(base + "/status", trust_env=False, timeout=30)
+            assert page.status_code == 200
+            assert "Not healthy" in page.text and "event loop stuck" in page.text
+        finally:
+            threading.Thread(target=release, daemon=True).start()
+            assert released.wait(30)
+        wait_for(lambda: health(p) == (200, "ok\n"), timeout=30)
+
+
+def test_repairs_failing_internally_are_counted(fake: FakeILink, pki: TestPKI, tmp_path: Path):
+    with (
+        start_health(
+            *upstream_args(fake, pki, tmp_path / "conf"),
+            "--rules",
+            str(core_rules(tmp_path)),
+            fault=(tmp_path, REISSUE_FAULT),
+        ) as p,
+        httpx.Client(trust_env=False, timeout=30) as client,
+    ):
+        base = metrics_base(p)
+        repairs = ("ilink_fixproxy_internal_errors_total", frozenset({("component", "repairs")}))
+        assert scrape(base)[repairs] == 0
+        (tmp_path / "broken").touch()
+        client.post(p.url + SEND, content=send_body(STALE.format(0)), headers=HEADERS)
+        after = scrape(base)
+        assert after[repairs] == 1
+        assert after[("ilink_fixproxy_internal_errors_total", frozenset({("component", "store")}))] == 0
+        assert "repairs failing" in client.get(base + "/status").text

@@ -558,7 +558,8 @@ class Metrics:
             self.repairs.labels(outcome).inc()
         if x.delivery is not None:
             self.send_outcomes.labels(x.delivery).inc()
-        self.activity.record(x, time.time(), ids=bool(getattr(ctx.options, "ilink_capture_ids", False)))
+        ids = bool(getattr(ctx.options, "ilink_capture_ids", False))
+        self.activity.record(x, time.time(), ids=ids, endpoint=endpoint)
 
     def _watch_outbox(self) -> None:
         outbox = getattr(tracker_of(), "outbox", None)

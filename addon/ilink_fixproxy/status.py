@@ -135,14 +135,17 @@ class Activity:
         self._decisions: dict[int, Counter[str]] = {}
         self._deliveries: dict[int, Counter[str]] = {}
 
-    def record(self, x: Any, now: float, *, ids: bool) -> None:
-        """Note one exchange (capture.Exchange): kept without tokens, text or errmsg."""
-        if x.endpoint in UNLISTED_ENDPOINTS:
+    def record(self, x: Any, now: float, *, ids: bool, endpoint: str | None = None) -> None:
+        """Note one exchange (capture.Exchange): kept without tokens, text or errmsg. `endpoint`:
+        how to show it (metrics folds paths iLink does not have into "other": a gateway's path
+        may carry anything)."""
+        endpoint = str(x.endpoint if endpoint is None else endpoint)[:40]
+        if endpoint in UNLISTED_ENDPOINTS:
             return
         self.recent.append(
             Recent(
                 ts=now,
-                endpoint=str(x.endpoint)[:40],
+                endpoint=endpoint,
                 bot=short_bot(x.bot),
                 peer=shown_id(x.peer, ids),
                 decision=str(x.decision),
@@ -154,7 +157,7 @@ class Activity:
             )
         )
         minute = int(now // 60)
-        if x.endpoint == "sendmessage":  # the charts are about messages
+        if endpoint == "sendmessage":  # the charts are about messages
             self._decisions.setdefault(minute, Counter())[str(x.decision)] += 1
         if x.delivery:
             self._deliveries.setdefault(minute, Counter())[str(x.delivery)] += 1
