@@ -57,12 +57,19 @@ class Health:
         self._clock = clock
         self._lock = threading.Lock()
         self._components = {name: _Component(deque(maxlen=1000)) for name in (STATE, REPAIRS)}
+        self._totals = dict.fromkeys((STATE, REPAIRS), 0)  # every failure so far (metrics)
         # Set while a state file is open: says what is wrong with the file itself (thread-safe).
         self.state_file_check: Callable[[], str | None] | None = None
 
     def failed(self, component: str, e: BaseException) -> None:
         with self._lock:
             self._components[component].failures.append((self._clock(), summary_of(e)))
+            self._totals[component] += 1
+
+    def failure_totals(self) -> dict[str, int]:
+        """Internal failures so far, per component (``internal_errors_total`` in metrics.py)."""
+        with self._lock:
+            return dict(self._totals)
 
     def succeeded(self, *components: str) -> None:
         now = self._clock()
@@ -70,12 +77,23 @@ class Health:
             for name in components:
                 self._components[name].ok_at = now
 
+    def store_failing(self) -> bool:
+        """The peer-state store is one of the problems (metrics' ``store_up``)."""
+        check = self.state_file_check
+        if check is not None and check():
+            return True
+        return any(line.startswith(STATE) for line in self._component_problems())
+
     def problems(self) -> list[str]:
         """One line per thing that keeps the proxy from doing its job ([]: healthy)."""
         found: list[str] = []
         check = self.state_file_check
         if check is not None and (why := check()):
             found.append(why)
+        return found + self._component_problems()
+
+    def _component_problems(self) -> list[str]:
+        found: list[str] = []
         now = self._clock()
         with self._lock:
             for name, c in self._components.items():

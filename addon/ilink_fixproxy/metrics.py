@@ -17,7 +17,14 @@ one, so embedding the addon cannot collide with other exporters). Every family i
   added to an exchange beyond waiting for upstream answers, and each upstream attempt's time;
 - ``state_rows{table}``, ``outbox_depth``, ``outbox_oldest_age_seconds``, ``outbox_total{outcome}``:
   the peer-state file and its deferred-delivery queue, read on scrape;
-- ``outbox_events_total{event}``: deferred deliveries (when that feature is on).
+- ``outbox_events_total{event}``: deferred deliveries (when that feature is on);
+- ``store_up``: 1 while the peer-state store answers (0 when it fails, see health.py), with peer
+  state on; ``outbox_max_age_seconds``: the rules' ``outbox.max_age_s``, with deferred delivery on;
+- ``healthy``: 1 while ``/healthz`` says ok, else 0; ``internal_errors_total{component}``: internal
+  failures (``store``, ``repairs``) counted by health.py (what makes ``/healthz`` unhealthy).
+
+The same listener serves ``/status`` (status.py, status_page.py): one HTML page for operators, and
+its data as ``/status.json``.
 
 Labels are bounded: unknown endpoints, codes and error messages are folded into ``other``.
 """
@@ -32,7 +39,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -42,7 +49,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from . import __version__, status, status_page
 from .capture import Exchange, buffer_limit, buffer_small_api_flow, is_api_flow, summarize, tracker_of
+from .health import REPAIRS, STATE
 
 log = logging.getLogger("ilink_fixproxy")
 
@@ -73,6 +82,19 @@ _ERRMSG_CLASSES = (
 ADDED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
 _LOOP_TIMEOUT_S = 2.0
+_NO_STORE = [("Cache-Control", "no-store")]
+# The page loads nothing: a browser that obeys this cannot be made to fetch anything by it, even
+# if a value escaped escaping. Inline styles only; images only as data: (none today).
+_PAGE_HEADERS = [
+    *_NO_STORE,
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
 DEFAULT_STALL_S = 5.0  # a busy loop answers within milliseconds; a blocked one does not
 _BEAT_S = 0.25
 
@@ -165,7 +187,13 @@ class _StateCollector(Collector):
         family = GaugeMetricFamily(
             f"{PREFIX}_state_rows", "Rows in the peer-state file, by table", labels=["table"]
         )
-        for table, n in sorted(counts.get("rows", {}).items()):
+        if "store_up" in counts:
+            up = GaugeMetricFamily(f"{PREFIX}_store_up", "1 while the peer-state store answers, else 0")
+            up.add_metric([], counts["store_up"])
+            yield up
+        if "rows" not in counts:
+            return
+        for table, n in sorted(counts["rows"].items()):
             family.add_metric([table], n)
         yield family
         outbox = counts.get("outbox")
@@ -186,12 +214,48 @@ class _StateCollector(Collector):
             for outcome in ("deferred", "delivered_late", "expired", "dropped"):
                 totals.add_metric([outcome], outbox[outcome])
             yield totals
+            if counts.get("max_age_s") is not None:
+                max_age = GaugeMetricFamily(
+                    f"{PREFIX}_outbox_max_age_seconds",
+                    "Deferred sends are dropped after this long (the rules' outbox.max_age_s)",
+                )
+                max_age.add_metric([], counts["max_age_s"])
+                yield max_age
+
+
+_COMPONENT_LABELS = {STATE: "store", REPAIRS: "repairs"}
+
+
+class _HealthCollector(Collector):
+    """What /healthz says, as numbers (read from the scrape thread: health() never waits)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        problems = self.metrics.problems()
+        healthy = GaugeMetricFamily(f"{PREFIX}_healthy", "1 while /healthz answers ok, else 0")
+        healthy.add_metric([], 1 if problems == [] else 0)
+        yield healthy
+        errors = CounterMetricFamily(
+            f"{PREFIX}_internal_errors",
+            "Internal failures by component (store, repairs): what makes /healthz unhealthy",
+            labels=["component"],
+        )
+        engine = self.metrics._engine_health
+        totals = engine.failure_totals() if engine is not None else dict.fromkeys(_COMPONENT_LABELS, 0)
+        for name, label in _COMPONENT_LABELS.items():
+            errors.add_metric([label], totals.get(name, 0))
+        yield errors
 
 
 class _SharedStoreCollector(Collector):
-    """The shared store's availability (store_redis.RedisStore's `up` and `unavailable`: plain
-    values, read from the scrape thread without the event loop, so a stuck Redis cannot stall a
-    scrape). Absent with the SQLite store."""
+    """The shared store's failed operations (store_redis.RedisStore's `unavailable`: plain values,
+    read from the scrape thread without the event loop, so a stuck Redis cannot stall a scrape).
+    Absent with the SQLite store. (``store_up`` is _StateCollector's, for either store.)"""
 
     def describe(self) -> Iterable[Any]:
         return []
@@ -200,11 +264,6 @@ class _SharedStoreCollector(Collector):
         store = getattr(tracker_of(), "store", None)
         if store is None or not getattr(store, "shared", False):
             return
-        up = GaugeMetricFamily(
-            f"{PREFIX}_store_up", "1 when the shared peer-state store's last operation succeeded, else 0"
-        )
-        up.add_metric([], 0 if store.up is False else 1)
-        yield up
         counted = CounterMetricFamily(
             f"{PREFIX}_store_unavailable",
             "Store operations that failed (Redis down, slow or partitioned): the proxy decided "
@@ -270,6 +329,7 @@ class Metrics:
             self.repairs.labels(outcome)  # present (at 0) from the first scrape
         r.register(_StateCollector(self.state_counts))
         r.register(_SharedStoreCollector())
+        r.register(_HealthCollector(self))
         self.app = make_wsgi_app(r)
         self.server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None
@@ -283,6 +343,8 @@ class Metrics:
         self._beating: asyncio.Future[None] | None = None
         self._stall_s = DEFAULT_STALL_S
         self._engine_health: Any = None
+        # What /status lists and charts (fed and read on the event loop)
+        self.activity = status.Activity()
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -370,28 +432,75 @@ class Metrics:
         if path == "/metrics":
             return self.app(environ, start_response)
         if path == "/healthz":
-            status, text = self.health()
-            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            code, text = self.health()
+            start_response(code, [("Content-Type", "text/plain; charset=utf-8")])
             return [text.encode()]
+        if path in ("/status", "/status/", "/status.json"):
+            snap = self.snapshot()
+            if path == "/status.json":
+                start_response("200 OK", [("Content-Type", "application/json"), *_NO_STORE])
+                return [snap.to_json().encode()]
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), *_PAGE_HEADERS])
+            return [status_page.render(snap).encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: try /metrics or /healthz\n"]
+        return [b"not found: try /status, /metrics or /healthz\n"]
+
+    def snapshot(self) -> status.Snapshot:
+        """What /status shows, gathered on the event loop; when the loop does not answer, a page
+        that says why (the health problems) instead of an error."""
+        problems = self.problems()
+        if problems is None:
+            return status.Snapshot(now=time.time(), replica=status.replica_name(), problems=(), starting=True)
+
+        async def gather() -> status.Snapshot:
+            ours = ctx.master.addons.get("ilinkfixproxy")
+            return await status.collect(
+                tracker=getattr(ours, "tracker", None),
+                rules=tuple(getattr(getattr(ours, "ruleset", None), "rules", ())),
+                activity=self.activity,
+                problems=tuple(problems),
+                ids=bool(getattr(ctx.options, "ilink_capture_ids", False)),
+                version=__version__,
+            )
+
+        try:
+            return self.on_loop_await(gather)
+        except Exception as e:
+            why = (
+                "the proxy is stopping"
+                if isinstance(e, RuntimeError)
+                else f"no answer from the event loop ({type(e).__name__})"
+            )
+            return status.Snapshot(
+                now=time.time(),
+                replica=status.replica_name(),
+                problems=tuple(problems) or (f"status unavailable: {why}",),
+                version=__version__,
+            )
 
     def health(self) -> tuple[str, str]:
         """200 "ok" while the proxy can do its job; else 503 and one line saying why: the event
         loop has not run for ilink_health_stall_s, the state file is gone, or the state store or
         repairs keep failing for internal reasons (health.py). Never waits for the loop."""
+        problems = self.problems()
+        if problems is None:
+            return "503 Service Unavailable", "starting\n"
+        if problems:
+            return "503 Service Unavailable", "unhealthy: " + "; ".join(problems) + "\n"
+        return "200 OK", "ok\n"
+
+    def problems(self) -> list[str] | None:
+        """What keeps the proxy from doing its job ([]: healthy; None: not started yet)."""
         beat = self._beat_at
         if self._loop is None or beat is None:
-            return "503 Service Unavailable", "starting\n"
+            return None
         problems = []
         stalled = time.monotonic() - beat
         if stalled > self._stall_s:
             problems.append(f"event loop stuck: it has not run for {stalled:.1f} s")
         if self._engine_health is not None:
             problems.extend(self._engine_health.problems())
-        if problems:
-            return "503 Service Unavailable", "unhealthy: " + "; ".join(problems) + "\n"
-        return "200 OK", "ok\n"
+        return problems
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the proxy's event loop and return its result (called from scrape threads:
@@ -416,12 +525,37 @@ class Metrics:
             if tracker is None:
                 return {}
             store = tracker.store
-            return {"rows": await store.counts(), "outbox": await store.outbox_stats(time.time())}
+            failing = self._engine_health is not None and self._engine_health.store_failing()
+            try:
+                counts = {"rows": await store.counts(), "outbox": await store.outbox_stats(time.time())}
+            except Exception:
+                return {"store_up": 0}
+            ours = ctx.master.addons.get("ilinkfixproxy")
+            deferring = [
+                r.peer_state.outbox.max_age_s
+                for r in getattr(getattr(ours, "ruleset", None), "rules", ())
+                if r.peer_state is not None and r.peer_state.on_closed == "defer"
+            ]
+            max_age = {"max_age_s": max(deferring)} if deferring else {}
+            # A shared store says itself whether its last operation (any replica's traffic
+            # here) succeeded: Redis can fail between two scrapes without the scrape noticing.
+            down = failing or getattr(store, "up", True) is False
+            return {**counts, **max_age, "store_up": 0 if down else 1}
 
+        return self.on_loop_await(read)
+
+    def on_loop_await(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """Await fn() on the proxy's event loop and return its result (called from scrape
+        threads: the store is awaited on the loop; at most _LOOP_TIMEOUT_S)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             raise RuntimeError("the proxy is not running")
-        return asyncio.run_coroutine_threadsafe(read(), loop).result(_LOOP_TIMEOUT_S)
+        future = asyncio.run_coroutine_threadsafe(fn(), loop)
+        try:
+            return future.result(_LOOP_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # a stuck store must not pile up scrapes on the loop
+            raise
 
     # ------------------------------------------------------------------ counting
 
@@ -441,7 +575,8 @@ class Metrics:
         self._counted.add(flow)
         self._watch_outbox()
         try:
-            self.observe(summarize(flow, time.time()))
+            tracker = tracker_of()  # its keyed bot hash: /status names bots as `state` does
+            self.observe(summarize(flow, time.time(), tracker.bot_of if tracker is not None else None))
         except Exception as e:  # metrics must never disturb the traffic
             log.warning(f"metrics: could not count an exchange: {type(e).__name__}: {e}")
 
@@ -464,6 +599,8 @@ class Metrics:
             self.repairs.labels(outcome).inc()
         if x.delivery is not None:
             self.send_outcomes.labels(x.delivery).inc()
+        ids = bool(getattr(ctx.options, "ilink_capture_ids", False))
+        self.activity.record(x, time.time(), ids=ids, endpoint=endpoint)
 
     def _watch_outbox(self) -> None:
         outbox = getattr(tracker_of(), "outbox", None)
