@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         "confdir; ':memory:' keeps nothing across restarts)",
     )
     parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=_worker_count,
+        default=1,
+        help="run N proxy processes sharing the listen port (SO_REUSEPORT) under this one, which "
+        "restarts a worker that dies and serves --metrics for all (default 1); rules with peer_state "
+        "then need a shared --state redis://...",
+    )
+    parser.add_argument(
         "--proxy-auth",
         metavar="USER:PASS",
         default=None,
@@ -217,6 +226,12 @@ def _state_file_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
     )
     parser.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number of processes from 1 to 64, got {text!r}")
+    return int(text)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -354,6 +369,7 @@ class Settings:
     allow_private_destinations: bool = False
     setoptions: list[str] = field(default_factory=list)
     ui: bool = False
+    workers: int = 1
     observability: dict[str, object] = field(default_factory=dict)  # capture, metrics, logs
 
 
@@ -406,6 +422,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         verbose=args.verbose,
         setoptions=list(args.setoptions),
         ui=args.ui,
+        workers=args.workers,
         observability=cli_capture.run_options(args),
     )
 
@@ -426,13 +443,19 @@ def write_upstream_bundle(ca: Path, confdir: Path) -> Path:
     make_private_dir(confdir)
     bundle = confdir / UPSTREAM_BUNDLE_NAME
     text = Path(certifi.where()).read_text("ascii") + "\n" + extra
+    # Written aside and renamed over: with --workers every process writes it at start, and one
+    # truncating the file must never be what another's mitmproxy reads.
+    temp = confdir / f".{UPSTREAM_BUNDLE_NAME}.{os.getpid()}"
     try:
         # owner-only whatever the umask: a CA bundle others can write lets them intercept iLink
-        fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             os.fchmod(fd, 0o600)
             fh.write(text)
+        os.replace(temp, bundle)
     except OSError as e:  # the confdir is not writable
+        with contextlib.suppress(OSError):
+            temp.unlink()
         raise UsageError(
             f"--confdir {confdir}: cannot write {UPSTREAM_BUNDLE_NAME} there ({e.strerror or e})"
         ) from None
@@ -737,9 +760,13 @@ async def serve(s: Settings) -> int:
     # The confdir from the start: when an option update fails (e.g. the --metrics port is taken)
     # mitmproxy rolls the options back and re-configures the addons with the previous values, and
     # TlsConfig then created a CA in the default ~/.mitmproxy.
+    from . import workers
+
+    role = workers.worker_role()
     opts = options.Options(confdir=str(s.confdir))
-    # + capture, metrics, --ui
-    m = cli_capture.make_master(opts, s, IlinkFixProxy(), StartupReport(s), FreezeStartupHeap())
+    # + capture, metrics, --ui; a worker of --workers N reports to its parent instead of printing
+    report = workers.WorkerReady(role) if role else StartupReport(s)
+    m = cli_capture.make_master(opts, s, IlinkFixProxy(), report, FreezeStartupHeap())
     try:
         opts.update(**mitmproxy_options(s))
         if s.setoptions:
@@ -748,6 +775,8 @@ async def serve(s: Settings) -> int:
         raise UsageError(f"invalid option: {e.args[0] if e.args else e}") from None
     except (exceptions.OptionsError, ValueError, NotImplementedError) as e:
         raise UsageError(redact_urls(str(e))) from None  # e.g. --set mode=reverse:https://u:pw@h
+    if role:
+        workers.tcp_only(opts.mode)
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_about_cancelled_connections)  # mitmproxy's own is set in run()
@@ -847,7 +876,7 @@ def _stop_before_serving(signum: int, frame: object) -> None:
     raise StoppedBeforeServing
 
 
-def run_proxy(args: argparse.Namespace) -> int:
+def run_proxy(args: argparse.Namespace, argv: list[str]) -> int:
     # As PID 1 (the Docker image) a signal without a handler is ignored, so a `docker stop` during
     # start-up would wait for its timeout and SIGKILL: handle SIGTERM from the start. serve()
     # replaces this with the graceful stop once the event loop runs.
@@ -856,13 +885,35 @@ def run_proxy(args: argparse.Namespace) -> int:
     # what it creates (confdir, mitmproxy's CA key, certificate and dhparam files, state, captures)
     # is owner-only: nothing it writes is for other users.
     os.umask(os.umask(0o077) | 0o077)
+    from . import workers
+
     s = settings_from_args(args)
-    check_listen(s)
+    role = workers.worker_role()
+    if s.workers > 1:
+        state = set_option_value(s.setoptions, "ilink_state") or s.state
+        if why := workers.refusal(s, state):
+            raise UsageError(why)
+    elif role is None:
+        # (a worker's port is shared with the others by design, and its parent checked it)
+        check_listen(s)
     check_ui_port_free(s)
     make_private_dir(s.confdir)  # (only once the arguments are known to be right: a mistake creates nothing)
     check_ca(s)
     check_state_free(s)
-    return asyncio.run(serve(s))
+    if s.workers > 1:
+        rule_count = len(s.ruleset.rules)
+
+        def announce(hostport: str) -> None:
+            print(startup_line(s, f"http://{hostport}", rule_count), flush=True)
+            if warning := exposure_warning(s, bool(s.proxy_auth)):
+                print(f"{PROG}: WARNING: {warning}", file=sys.stderr, flush=True)
+
+        return workers.supervise(s, [sys.executable, "-m", "ilink_fixproxy", *argv], announce)
+    if role is None:
+        return asyncio.run(serve(s))
+    workers.die_with_parent(role)
+    with asyncio.Runner(loop_factory=workers.reuse_port_loop_factory(s.listen_host, s.listen_port)) as runner:
+        return runner.run(serve(s))
 
 
 # --------------------------------------------------------------------------- other commands
@@ -984,6 +1035,7 @@ def cmd_outbox(action: str, target: str | None, path: str | None, confdir: str |
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -1007,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         if (code := cli_capture.dispatch(args)) is not None:
             return code
-        return run_proxy(args)
+        return run_proxy(args, argv)
     except rules_mod.RulesError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
