@@ -500,7 +500,7 @@ def supervise(s: Settings, worker_argv: list[str], announce: Callable[[str], Non
         except OSError as e:
             reservation.close()
             raise UsageError(f"--metrics {metrics}: cannot listen there: {e.strerror or e}") from None
-    logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stdout)
+    _log_like_the_workers(str(s.observability.get("ilink_log_format", "text")))
 
     def ready() -> None:
         announce(_hostport(s.listen_host, port))
@@ -515,7 +515,7 @@ def supervise(s: Settings, worker_argv: list[str], announce: Callable[[str], Non
             where = (
                 f"; metrics of all workers on http://{shown}:{server.server_port}/metrics (health: /healthz)"
             )
-        print(f"ilink-fixproxy: {s.workers} workers share the port (pids {pids}){where}", flush=True)
+        log.info(f"ilink-fixproxy: {s.workers} workers share the port (pids {pids}){where}")
 
     try:
         return asyncio.run(sup.run(ready))
@@ -524,6 +524,20 @@ def supervise(s: Settings, worker_argv: list[str], announce: Callable[[str], Non
             server.shutdown()
             server.server_close()
         reservation.close()
+
+
+def _log_like_the_workers(fmt: str) -> None:
+    """The parent's log lines as the workers' (mitmproxy's "[HH:MM:SS.mmm] ..." or JSON), on stdout."""
+    from .logfmt import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stdout)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _hostport(host: str, port: int) -> str:
