@@ -38,6 +38,16 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def running_with(argument: str) -> list[int]:
+    """Live processes whose command line has `argument` (each test's confdir is its own)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if argument.encode() in cmdline.read_bytes().split(b"\0") and alive(int(cmdline.parent.name)):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -279,3 +289,69 @@ def test_a_bad_worker_count_is_one_line():
         ilink_fixproxy_argv("--workers", "0"), capture_output=True, text=True, timeout=60, env=clean_env()
     )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--workers" in p.stderr, p.stderr
+
+
+def test_the_readme_shows_the_refusal_as_the_command_prints_it(tmp_path: Path):
+    p = run_command("--workers", "2", "--rules", str(ROOT / "rules.yaml"), "--confdir", str(tmp_path / "c"))
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```", readme.index("## Running several replicas"))
+    shown = readme[readme.index("\n", start) + 1 : readme.index("```", start + 3)]
+    assert p.returncode == 2 and p.stderr == shown, (p.stderr, shown)
+
+
+def test_a_worker_that_fails_before_listening_stops_all_with_one_line(tmp_path: Path):
+    # The fault is injected into worker 1 only, from outside the proxy: a sitecustomize module on
+    # PYTHONPATH that ends the process when it is worker 1 (test code; the proxy has no switch).
+    fault = tmp_path / "fault"
+    fault.mkdir()
+    (fault / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('_ILINK_FIXPROXY_WORKER', '').startswith('1:'):\n    os._exit(3)\n"
+    )
+    argv = ilink_fixproxy_argv(
+        "--listen", "127.0.0.1:0", "--workers", "2", "--rules", str(core_rules(tmp_path))
+    )
+    argv += ["--confdir", str(tmp_path / "c"), "--upstream", "http://127.0.0.1:9"]
+    p = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env({"PYTHONPATH": str(fault)}),
+    )
+    try:
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert p.returncode == 1, (out, err)
+    assert re.fullmatch(
+        r"ilink-fixproxy: worker 1 \(pid \d+\) exited with status 3 before listening: stopping all workers\n",
+        err,
+    ), err
+    assert "listening on" not in out  # never announced
+    assert not running_with(str(tmp_path / "c"))  # worker 0 was stopped too
+
+
+def test_in_forward_mode_workers_refuse_the_parents_metrics_listener(tmp_path: Path):
+    from test_e2e_egress import connect_through
+
+    argv = ["--mode", "forward", "--allow-private-destinations", "--workers", "2"]
+    argv += [
+        "--rules",
+        str(core_rules(tmp_path)),
+        "--confdir",
+        str(tmp_path / "c"),
+        "--metrics",
+        "127.0.0.1:0",
+    ]
+    with start_proxy(*argv) as p:
+        seen = children(p.proc.pid)
+        try:
+            port = int(METRICS.search(p.output).group(1).rsplit(":", 1)[1])  # type: ignore[union-attr]
+            for _ in range(6):  # new connections: whichever worker takes them
+                status, _, body = connect_through(p, f"127.0.0.1:{port}")
+                assert status == 403 and b"this proxy's own metrics listener" in body, body
+        finally:
+            assert p.stop() == 0
+            assert not [pid for pid in seen if alive(pid)]

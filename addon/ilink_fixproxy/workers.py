@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -65,7 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ilink_fixproxy")
 
-# Set by the parent in each worker's environment: "INDEX:READY_FD:PARENT_PID". Internal.
+# Set by the parent in each worker's environment: "INDEX:READY_FD:PARENT_PID:PARENT_METRICS_PORT"
+# (0: none). Internal.
 WORKER_ENV = "_ILINK_FIXPROXY_WORKER"
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
@@ -83,16 +85,17 @@ class Role:
     index: int
     ready_fd: int
     parent_pid: int
+    parent_metrics_port: int  # the parent's --metrics listener, one of the proxy's own (egress.py)
 
 
 def worker_role() -> Role | None:
     """This process's role when the parent of ``--workers N`` started it, else None."""
     value = os.environ.get(WORKER_ENV, "")
     try:
-        index, fd, parent = (int(part) for part in value.split(":"))
+        index, fd, parent, metrics = (int(part) for part in value.split(":"))
     except ValueError:
         return None
-    return Role(index, fd, parent)
+    return Role(index, fd, parent, metrics)
 
 
 def die_with_parent(role: Role) -> None:
@@ -217,7 +220,7 @@ class Supervisor:
     settings: Settings
     worker_argv: list[str]
     count: int
-    metrics: str | None = None  # the operator's --metrics HOST:PORT, served by the parent
+    metrics_port: int = 0  # the parent's own --metrics listener (0: none)
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
     restart_times: list[float] = field(default_factory=list)
@@ -230,7 +233,7 @@ class Supervisor:
     async def spawn(self, w: Worker) -> None:
         """Start worker `w` and wait until it listens (RuntimeError with why if it does not)."""
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, WORKER_ENV: f"{w.index}:{write_fd}:{os.getpid()}"}
+        env = {**os.environ, WORKER_ENV: f"{w.index}:{write_fd}:{os.getpid()}:{self.metrics_port}"}
         try:
             w.proc = await asyncio.create_subprocess_exec(
                 *self.worker_argv,
@@ -254,7 +257,15 @@ class Supervisor:
             transport.close()
         words = line.decode("ascii", "replace").split()
         if len(words) != 2 or words[0] != "ready":
-            raise RuntimeError(f"worker {w.index} (pid {w.pid}) did not start")
+            code = None
+            with contextlib.suppress(TimeoutError):
+                code = await asyncio.wait_for(w.proc.wait(), 5)
+            how = (
+                f"exited with {_status(code)}"
+                if code is not None
+                else f"did not listen within {READY_TIMEOUT_S:.0f} s"
+            )
+            raise RuntimeError(f"worker {w.index} (pid {w.pid}) {how} before listening")
         w.metrics_port, w.ready = int(words[1]), True
 
     def signal_all(self, sig: int) -> None:
@@ -310,11 +321,12 @@ class Supervisor:
             return 0 if all(c == 0 for c in codes) else 1
         try:
             starting.result()
-        except RuntimeError:
+        except RuntimeError as e:
             stop_wait.cancel()
-            codes = await self.stop_all()
-            # The worker printed its own one-line reason; pass its exit status on.
-            return next((c for c in codes if c not in (0, -signal.SIGTERM)), 1) or 1
+            # (a worker's own reason, if it had one, is on stderr already, from the worker)
+            print(f"ilink-fixproxy: {e}: stopping all workers", file=sys.stderr, flush=True)
+            await self.stop_all()
+            return 1
         announce()
 
         while True:
@@ -331,8 +343,7 @@ class Supervisor:
                 return 0 if not failed else 1
             for fut in done:
                 w = waits[fut]
-                code = fut.result()
-                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+                how = _status(fut.result())
                 if not self.note_restart():
                     log.error(
                         "ilink-fixproxy: worker %d (pid %s) exited with %s: %d restarts within %.0f s, "
@@ -394,6 +405,14 @@ class Supervisor:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_WorkersCollector(self))
         return generate_latest(registry)
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"status {code}"
 
 
 def _fetch(port: int, path: str) -> tuple[bool, str]:
@@ -489,7 +508,7 @@ def supervise(s: Settings, worker_argv: list[str], announce: Callable[[str], Non
     argv = [*worker_argv, "--listen", _hostport(s.listen_host, port), "--workers", "1"]
     if metrics:
         argv += ["--metrics", "127.0.0.1:0"]
-    sup = Supervisor(s, argv, s.workers, metrics=str(metrics) if metrics else None)
+    sup = Supervisor(s, argv, s.workers)
     server = None
     if metrics:
         from .metrics import parse_hostport
@@ -499,7 +518,9 @@ def supervise(s: Settings, worker_argv: list[str], announce: Callable[[str], Non
             server = serve_metrics(sup, mhost, mport)
         except OSError as e:
             reservation.close()
-            raise UsageError(f"--metrics {metrics}: cannot listen there: {e.strerror or e}") from None
+            reason = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror or e
+            raise UsageError(f"--metrics {metrics}: cannot listen there: {reason}") from None
+        sup.metrics_port = server.server_port
     _log_like_the_workers(str(s.observability.get("ilink_log_format", "text")))
 
     def ready() -> None:
