@@ -145,12 +145,16 @@ def test_two_workers_answer_on_one_port_and_stop_cleanly(fake: FakeILink, pki: T
     assert "Traceback" not in p.output
 
 
+@pytest.mark.parametrize("to", ["parent", "every process"])
 def test_sigterm_lets_every_worker_finish_its_in_flight_repairs(
-    fake: FakeILink, pki: TestPKI, tmp_path: Path
+    fake: FakeILink, pki: TestPKI, tmp_path: Path, to: str
 ):
     # As a single proxy (test_e2e_ops): a repair whose re-issue is under way when SIGTERM arrives
     # still hands the gateway its answer. Four of them on new connections, spread by the kernel.
+    # "every process": as systemd stops a service (KillMode=control-group), SIGTERM to the parent
+    # and to each worker; a worker must not take the parent's SIGTERM as a second, hurried one.
     with workers_proxy(fake, pki, tmp_path) as p:
+        workers = children(p.proc.pid)
 
         def send(i: int) -> httpx.Response:
             with httpx.Client(trust_env=False, timeout=30) as c:
@@ -163,7 +167,8 @@ def test_sigterm_lets_every_worker_finish_its_in_flight_repairs(
                 futures.append(pool.submit(send, i))
                 want = 2 * (i + 1)  # the re-issue is on its way
                 assert wait_for(lambda n=want: len(fake.sends()) == n), fake.sends()
-            p.proc.send_signal(signal.SIGTERM)
+            for pid in [p.proc.pid, *(workers if to == "every process" else ())]:
+                os.kill(pid, signal.SIGTERM)
             answers = [f.result() for f in futures]
         assert [(a.status_code, a.content) for a in answers] == [(200, b"{}")] * 4
         assert all(a.headers["x-ilink-fixproxy"].startswith("repaired") for a in answers)

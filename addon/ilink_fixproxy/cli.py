@@ -783,15 +783,19 @@ async def serve(s: Settings) -> int:
     stopping: list[asyncio.Task[None]] = []
     native: list[Any] = []  # mitmproxy_rs servers, taken before graceful_shutdown stops them
 
-    def stop() -> None:
+    def stop(escalate: bool) -> None:
         if stopping:  # a second signal: stop now
-            m.shutdown()
+            if escalate:
+                m.shutdown()
             return
         native.extend(native_servers(m))
         stopping.append(asyncio.ensure_future(graceful_shutdown(m)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        # A worker of --workers N gets SIGTERM from its parent and, under systemd (which signals
+        # every process of the service), from systemd too: for it only SIGINT, which the parent
+        # sends on a second signal, means "stop now".
+        loop.add_signal_handler(sig, stop, not (role and sig == signal.SIGTERM))
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await m.run()

@@ -21,7 +21,8 @@ checks, then:
   ``RESTART_WINDOW_S``, stops them all and exits 1;
 - on SIGTERM / SIGINT sends SIGTERM to every worker, each of which stops as a single proxy does
   (stops accepting, lets its in-flight sends finish), and exits 0 when they all did; a second
-  signal is passed on too (each worker then stops at once). The workers are in their own process
+  signal is passed on as SIGINT (each worker then stops at once; repeated SIGTERMs, which systemd
+  also sends every worker directly, do not hurry a worker). The workers are in their own process
   group, so Ctrl-C in a terminal reaches them only through the parent (once, not twice), and each
   asks the kernel for SIGTERM should the parent die without stopping them (``PR_SET_PDEATHSIG``).
 
@@ -304,7 +305,7 @@ class Supervisor:
             nonlocal signals
             signals += 1
             if signals > 1:  # a second signal: every worker stops at once, as a single proxy does
-                self.signal_all(signal.SIGTERM)
+                self.signal_all(signal.SIGINT)
             stop_requested.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -337,7 +338,9 @@ class Supervisor:
                     fut.cancel()
             if stop_requested.is_set():
                 codes = await self.stop_all()
-                failed = [c for c in codes if c != 0]
+                # -SIGTERM: a worker that had finished stopping when a SIGTERM (systemd's, say)
+                # found it without a handler any more
+                failed = [c for c in codes if c not in (0, -signal.SIGTERM)]
                 if failed:
                     log.warning("ilink-fixproxy: %d worker(s) did not stop cleanly: %s", len(failed), failed)
                 return 0 if not failed else 1
