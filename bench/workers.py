@@ -99,6 +99,7 @@ class Target:
     pids: list[int] = field(default_factory=list)  # processes whose CPU is the path's cost
     samples: list[Sample] = field(default_factory=list)
     cpu_s: float = 0.0
+    other_cpu_s: float = 0.0  # the load generator's and the fake iLink's, in the same windows
     sends: int = 0
 
     @property
@@ -221,7 +222,7 @@ class Setup(contextlib.ExitStack):
             self.paths[name] = Target(name, host, int(port), pids)
 
 
-async def measure(s: Settings, paths: dict[str, Target]) -> None:
+async def measure(s: Settings, paths: dict[str, Target], fake_pid: int) -> None:
     order = [p for p in PATHS if p in paths]
     for rnd in range(s.rounds):
         k = rnd % len(order)
@@ -236,11 +237,12 @@ async def measure(s: Settings, paths: dict[str, Target]) -> None:
                 answer = await conn.request("POST", SEND, body)
                 return answer.status == 200 and is_ok(answer.body)  # a repair ends delivered too
 
-            before = cpu_of(t.pids)
+            before, other_before = cpu_of(t.pids), time.process_time() + cpu_of([fake_pid])
             sample = await closed_loop(
                 t.host, t.port, step, concurrency=s.concurrency, warmup=s.warmup, window=s.window
             )
             t.cpu_s += cpu_of(t.pids) - before
+            t.other_cpu_s += time.process_time() + cpu_of([fake_pid]) - other_before
             t.sends += sample.issued
             t.samples.append(sample)
             print(f"  round {rnd + 1} {name:8} {sample.rps:8.0f} sends/s  errors {sample.errors}", flush=True)
@@ -252,14 +254,19 @@ def report(s: Settings, paths: dict[str, Target], command: str) -> str:
         f"case {s.case}, rules {s.rules}, state {s.state or '(none needed)'}, {s.concurrency} connections, "
         f"{s.rounds} round(s) x {s.window:g} s, {len(os.sched_getaffinity(0))} CPU(s)",
         "",
-        f"{'path':10} {'sends/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU ms/send':>18} {'errors':>7}",
+        f"{'path':10} {'sends/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU ms/send':>18} "
+        f"{'other CPU ms/send':>18} {'errors':>7}",
     ]
     for name in PATHS:
         if (t := paths.get(name)) is None:
             continue
         cpu = t.cpu_s * 1000 / t.sends if t.sends else float("nan")
+        other = t.other_cpu_s * 1000 / t.sends if t.sends else float("nan")
         errors = sum(x.errors for x in t.samples)
-        lines.append(f"{name:10} {t.rps:9.0f} {t.pct(50):8.1f} {t.pct(99):8.1f} {cpu:18.2f} {errors:7d}")
+        lines.append(
+            f"{name:10} {t.rps:9.0f} {t.pct(50):8.1f} {t.pct(99):8.1f} {cpu:18.2f} {other:18.2f} {errors:7d}"
+        )
+    lines.append("(other CPU: this load generator and the fake iLink, which share the machine's cores)")
     lines.append("")
     for a, b in RATIOS:
         if a in paths and b in paths and paths[b].rps:
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ilink-bench-workers-") as tmp, Setup(s, Path(tmp)) as setup:
         setup.start()
         print("; ".join(f"{t.name} http://{t.host}:{t.port} (pids {t.pids})" for t in setup.paths.values()))
-        asyncio.run(measure(s, setup.paths))
+        asyncio.run(measure(s, setup.paths, setup.fake.proc.pid))
         text = report(s, setup.paths, command)
     print(text, flush=True)
     return 1 if any(x.errors for t in setup.paths.values() for x in t.samples) else 0

@@ -243,6 +243,9 @@ class Supervisor:
                 pass_fds=(write_fd,),
                 process_group=0,  # no terminal Ctrl-C directly: the parent passes signals on
             )
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         w.ready, w.metrics_port = False, 0
@@ -319,7 +322,7 @@ class Supervisor:
             with contextlib.suppress(BaseException):
                 await starting
             codes = await self.stop_all()
-            return 0 if all(c == 0 for c in codes) else 1
+            return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
         try:
             starting.result()
         except RuntimeError as e:
@@ -362,8 +365,15 @@ class Supervisor:
                 old = w.pid
                 w.restarts += 1
                 w.ready = False
+                restart = asyncio.ensure_future(self.spawn(w))
+                await asyncio.wait({restart, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if stop_requested.is_set():  # stopping while a worker restarts: no waiting for it
+                    restart.cancel()
+                    with contextlib.suppress(BaseException):
+                        await restart
+                    break
                 try:
-                    await self.spawn(w)
+                    restart.result()
                 except RuntimeError as e:
                     log.error(
                         "ilink-fixproxy: %s after worker %d (pid %s) exited with %s: stopping",
