@@ -140,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         "ILINK_FIXPROXY_STATE_KEY (default: ILINK_FIXPROXY_REDIS_URL when set)",
     )
     parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=_worker_count,
+        default=1,
+        help="run N proxy processes sharing the listen port (SO_REUSEPORT) under this one, which "
+        "restarts a worker that dies and serves --metrics for all (default 1); rules with peer_state "
+        "then need a shared --state redis://...",
+    )
+    parser.add_argument(
         "--proxy-auth",
         metavar="USER:PASS",
         default=None,
@@ -220,6 +229,12 @@ def _state_file_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"mitmproxy configuration directory (default {DEFAULT_CONFDIR})",
     )
     parser.add_argument("--show-ids", action="store_true", help="show peer ids in clear")
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number of processes from 1 to 64, got {text!r}")
+    return int(text)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -357,6 +372,7 @@ class Settings:
     allow_private_destinations: bool = False
     setoptions: list[str] = field(default_factory=list)
     ui: bool = False
+    workers: int = 1
     observability: dict[str, object] = field(default_factory=dict)  # capture, metrics, logs
 
 
@@ -409,6 +425,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         verbose=args.verbose,
         setoptions=list(args.setoptions),
         ui=args.ui,
+        workers=args.workers,
         observability=cli_capture.run_options(args),
     )
 
@@ -429,13 +446,19 @@ def write_upstream_bundle(ca: Path, confdir: Path) -> Path:
     make_private_dir(confdir)
     bundle = confdir / UPSTREAM_BUNDLE_NAME
     text = Path(certifi.where()).read_text("ascii") + "\n" + extra
+    # Written aside and renamed over: with --workers every process writes it at start, and one
+    # truncating the file must never be what another's mitmproxy reads.
+    temp = confdir / f".{UPSTREAM_BUNDLE_NAME}.{os.getpid()}"
     try:
         # owner-only whatever the umask: a CA bundle others can write lets them intercept iLink
-        fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             os.fchmod(fd, 0o600)
             fh.write(text)
+        os.replace(temp, bundle)
     except OSError as e:  # the confdir is not writable
+        with contextlib.suppress(OSError):
+            temp.unlink()
         raise UsageError(
             f"--confdir {confdir}: cannot write {UPSTREAM_BUNDLE_NAME} there ({e.strerror or e})"
         ) from None
@@ -740,9 +763,13 @@ async def serve(s: Settings) -> int:
     # The confdir from the start: when an option update fails (e.g. the --metrics port is taken)
     # mitmproxy rolls the options back and re-configures the addons with the previous values, and
     # TlsConfig then created a CA in the default ~/.mitmproxy.
+    from . import workers
+
+    role = workers.worker_role()
     opts = options.Options(confdir=str(s.confdir))
-    # + capture, metrics, --ui
-    m = cli_capture.make_master(opts, s, IlinkFixProxy(), StartupReport(s), FreezeStartupHeap())
+    # + capture, metrics, --ui; a worker of --workers N reports to its parent instead of printing
+    report = workers.WorkerReady(role) if role else StartupReport(s)
+    m = cli_capture.make_master(opts, s, IlinkFixProxy(), report, FreezeStartupHeap())
     try:
         opts.update(**mitmproxy_options(s))
         if s.setoptions:
@@ -751,21 +778,27 @@ async def serve(s: Settings) -> int:
         raise UsageError(f"invalid option: {e.args[0] if e.args else e}") from None
     except (exceptions.OptionsError, ValueError, NotImplementedError) as e:
         raise UsageError(redact_urls(str(e))) from None  # e.g. --set mode=reverse:https://u:pw@h
+    if role:
+        workers.tcp_only(opts.mode)
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_about_cancelled_connections)  # mitmproxy's own is set in run()
     stopping: list[asyncio.Task[None]] = []
     native: list[Any] = []  # mitmproxy_rs servers, taken before graceful_shutdown stops them
 
-    def stop() -> None:
+    def stop(escalate: bool) -> None:
         if stopping:  # a second signal: stop now
-            m.shutdown()
+            if escalate:
+                m.shutdown()
             return
         native.extend(native_servers(m))
         stopping.append(asyncio.ensure_future(graceful_shutdown(m)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        # A worker of --workers N gets SIGTERM from its parent and, under systemd (which signals
+        # every process of the service), from systemd too: for it only SIGINT, which the parent
+        # sends on a second signal, means "stop now".
+        loop.add_signal_handler(sig, stop, not (role and sig == signal.SIGTERM))
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await m.run()
@@ -860,7 +893,7 @@ def _stop_before_serving(signum: int, frame: object) -> None:
     raise StoppedBeforeServing
 
 
-def run_proxy(args: argparse.Namespace) -> int:
+def run_proxy(args: argparse.Namespace, argv: list[str]) -> int:
     # As PID 1 (the Docker image) a signal without a handler is ignored, so a `docker stop` during
     # start-up would wait for its timeout and SIGKILL: handle SIGTERM from the start. serve()
     # replaces this with the graceful stop once the event loop runs.
@@ -869,13 +902,39 @@ def run_proxy(args: argparse.Namespace) -> int:
     # what it creates (confdir, mitmproxy's CA key, certificate and dhparam files, state, captures)
     # is owner-only: nothing it writes is for other users.
     os.umask(os.umask(0o077) | 0o077)
+    from . import workers
+
     s = settings_from_args(args)
-    check_listen(s)
+    role = workers.worker_role()
+    if s.workers > 1:
+        state = (
+            set_option_value(s.setoptions, "ilink_state")
+            or s.state
+            or os.environ.get("ILINK_FIXPROXY_REDIS_URL")
+        )
+        if why := workers.refusal(s, state):
+            raise UsageError(why)
+    elif role is None:
+        # (a worker's port is shared with the others by design, and its parent checked it)
+        check_listen(s)
     check_ui_port_free(s)
     make_private_dir(s.confdir)  # (only once the arguments are known to be right: a mistake creates nothing)
     check_ca(s)
     check_state_free(s)
-    return asyncio.run(serve(s))
+    if s.workers > 1:
+        rule_count = len(s.ruleset.rules)
+
+        def announce(hostport: str) -> None:
+            print(startup_line(s, f"http://{hostport}", rule_count), flush=True)
+            if warning := exposure_warning(s, bool(s.proxy_auth)):
+                print(f"{PROG}: WARNING: {warning}", file=sys.stderr, flush=True)
+
+        return workers.supervise(s, [sys.executable, "-m", "ilink_fixproxy", *argv], announce)
+    if role is None:
+        return asyncio.run(serve(s))
+    workers.die_with_parent(role)
+    with asyncio.Runner(loop_factory=workers.reuse_port_loop_factory(s.listen_host, s.listen_port)) as runner:
+        return runner.run(serve(s))
 
 
 # --------------------------------------------------------------------------- other commands
@@ -1031,6 +1090,7 @@ def cmd_outbox(action: str, target: str | None, path: str | None, confdir: str |
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -1054,7 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         if (code := cli_capture.dispatch(args)) is not None:
             return code
-        return run_proxy(args)
+        return run_proxy(args, argv)
     except rules_mod.RulesError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

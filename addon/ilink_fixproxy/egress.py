@@ -113,6 +113,10 @@ def own_listeners() -> dict[int, str]:
     server = getattr(metrics, "server", None)
     if server is not None:
         ports[server.server_port] = "metrics"
+    from .workers import worker_role
+
+    if (role := worker_role()) is not None and role.parent_metrics_port:  # --workers: the parent's
+        ports[role.parent_metrics_port] = "metrics"
     return ports
 
 
