@@ -299,7 +299,7 @@ def test_a_bad_worker_count_is_one_line():
 def test_the_readme_shows_the_refusal_as_the_command_prints_it(tmp_path: Path):
     p = run_command("--workers", "2", "--rules", str(ROOT / "rules.yaml"), "--confdir", str(tmp_path / "c"))
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("```", readme.index("## Running several replicas"))
+    start = readme.index("```", readme.index("`--workers 2` is refused before anything starts:"))
     shown = readme[readme.index("\n", start) + 1 : readme.index("```", start + 3)]
     assert p.returncode == 2 and p.stderr == shown, (p.stderr, shown)
 
