@@ -22,6 +22,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from .core.model import BudgetView
 from .jsonedit import remove_member, set_value
 from .matching import AnswerSummary, answer_is_failure, carries, parse_json_object
 from .redact import token_hash
@@ -65,6 +66,9 @@ class Outbox:
         self.rule_named = rule_named
         self.clock = clock  # the wall clock; `explain` passes the capture's
         self.listeners: list[Callable[[Event], None]] = []
+        # The peer's send budget now (PeerTracker.window_budget): deliveries count against it
+        # and stop when it is spent. None: not counted.
+        self.window: Callable[[Rule, str, str], BudgetView | None] = lambda rule, bot, peer: None
         self._active: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[int]] = set()
 
@@ -158,6 +162,11 @@ class Outbox:
                 continue
             if i:
                 await asyncio.sleep(rule.peer_state.outbox.flush_gap_s)
+            if (b := self.window(rule, bot, peer)) is not None and b.left() == 0:
+                # The new window's budget is spent (deliveries count against it): the rest
+                # waits for the peer's next message.
+                log.info(f"outbox: send budget of peer {token_hash(peer)} spent; the rest waits")
+                break
             ok = await self._deliver(rule, q, token, authorization)
             if not ok:
                 break  # the window closed again: the rest waits for the next inbound message
@@ -205,6 +214,8 @@ class Outbox:
         if not failed and response is not None:
             self.store.dequeue(q.id)
             self.store.bump("delivered_late")
+            if (b := self.window(rule, q.bot, q.peer)) is not None:
+                self.store.count_send(q.bot, q.peer, b.limit, False, self.clock())
             if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
                 now = self.clock()
                 headers = [

@@ -16,6 +16,7 @@ mitmproxy's own forwarding; a failed re-issue leaves the answer already received
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -30,14 +31,17 @@ from mitmproxy import http
 
 from .core import policy
 from .core.model import (
+    BudgetView,
     CloseWindow,
     Cooling,
     CountRateLimit,
+    CountSend,
     Decision,
     Defer,
     Delivery,
     Effect,
     Go,
+    LearnBudget,
     LocalAnswer,
     MarkStale,
     MessageRecord,
@@ -45,6 +49,7 @@ from .core.model import (
     OpenWindow,
     SettleMessage,
     Snapshot,
+    SpendBudget,
     StartCooldown,
     StoredAnswer,
     Verdict,
@@ -57,7 +62,7 @@ from .outbox import Outbox
 from .ports import Store, Upstream
 from .redact import token_hash
 from .reissue import ReissueError
-from .rules import Rule
+from .rules import PeerState, Rule
 from .state import Peer, StateStore
 
 log = logging.getLogger("ilink_fixproxy")
@@ -95,6 +100,9 @@ class Outcome:
     # What iLink's answer says about delivery (core Delivery); None: no answer from iLink was
     # handed back (answered from memory, or mitmproxy forwards it)
     delivery: str | None = None
+    # The peer's send budget after this send (see budget_facts); None: not counted
+    budget: dict[str, Any] | None = None
+    nudged: bool = False  # iLink accepted it carrying the window keeper's text
 
 
 # Outcome.record, the send's single-flight key and its done future (see PeerTracker.handle)
@@ -147,6 +155,7 @@ class PeerTracker:
         self.reissuer = reissuer
         self.clock = clock  # None: time.time(), looked up at each call
         self.outbox = Outbox(store, reissuer, rule_named, clock=self._now)  # type: ignore[arg-type]
+        self.outbox.window = self.window_budget
         # (bot, client_id) -> (what the store could not take, when): see _apply
         self._unstored: OrderedDict[tuple[str, str], tuple[MessageRecord, float]] = OrderedDict()
         self._storing = True  # False from a failed write to the next successful one (logged once)
@@ -294,14 +303,22 @@ class PeerTracker:
         snap = self._snapshot(rule, bot, peer, client_id, token, now)
         gate = policy.gate(snap, rule, now)
         if isinstance(gate, LocalAnswer):
+            held = gate.decision is Decision.BUDGET_HELD  # (logged by capture, as local answers are)
             return Outcome(
-                _local_response(gate.status, gate.body, gate.note, _list(gate.headers)), gate.decision
+                _local_response(gate.status, gate.body, gate.note, _list(gate.headers)),
+                gate.decision,
+                budget=budget_facts(snap.budget, now, ("exhausted",)) if held else None,
             )
         if isinstance(gate, Defer):
             if peer:
-                return self._deferred(
-                    rule, bot, peer, client_id, flow.request, flow.server_conn.via, gate.refusal
+                outcome = self._deferred(
+                    rule, bot, peer, client_id, flow.request, flow.server_conn.via, gate.refusal, gate.reason
                 )
+                if gate.reason == "budget-spent":
+                    outcome = dataclasses.replace(
+                        outcome, budget=budget_facts(snap.budget, now, ("exhausted",))
+                    )
+                return outcome
             gate = Go(prior=snap.message.attempts if snap.message else 0)  # nobody to defer for
 
         send = _Send(
@@ -327,7 +344,15 @@ class PeerTracker:
                 outcome = await self._exchange(
                     send,
                     policy.Exchange(
-                        rule, snap, gate.prior, token, flow.request.raw_content or b"", peer, send.deadline
+                        rule,
+                        snap,
+                        gate.prior,
+                        token,
+                        flow.request.raw_content or b"",
+                        peer,
+                        send.deadline,
+                        probe=gate.probe,
+                        nudge=gate.nudge,
                     ),
                 )
             except Exception as e:
@@ -354,12 +379,18 @@ class PeerTracker:
         ps = rule.peer_state
         assert ps is not None
         closable = ps.on_closed in ("answer-locally", "defer")
+        counted = ps.budget.on or ps.nudge is not None
         store = self.store
         with store.batch(write=False):
             queued = store.queued_id(bot, client_id) is not None if client_id and peer else False
             message = self._message(bot, client_id, now - ps.dedupe_s) if client_id else None
             cooldown = store.cooldown(bot, now)
-            p = store.peer(bot, peer) if peer and closable else None
+            p = store.peer(bot, peer) if peer and (closable or counted) else None
+            budget = (
+                self._budget_view(ps, bot, p, store.keyed_hash(token) if token else None)
+                if counted and p
+                else None
+            )
             fresh = self.fresh_token(bot, peer) if ps.substitute_fresh and token is not None else None
             original_stale = (
                 ps.remember_stale and token is not None and store.is_stale(bot, store.keyed_hash(token))
@@ -368,12 +399,38 @@ class PeerTracker:
         return Snapshot(
             message=message,
             cooldown=Cooling(cooldown.until, cooldown.status, cooldown.body) if cooldown else None,
-            window=Window(p.closed_until, p.closed_status, p.closed_body) if p else None,
+            window=Window(p.closed_until, p.closed_status, p.closed_body) if p and closable else None,
             queued=queued,
             fresh=fresh,
             original_stale=original_stale,
             fresh_stale=fresh_stale,
+            budget=budget,
         )
+
+    def _budget_view(self, ps: PeerState, bot: str, p: Peer, token: str | None) -> BudgetView | None:
+        """The peer's window as the core sees it; None before the proxy saw the peer write (the
+        window's start, and so what was sent in it, is unknown: nothing is held or counted)."""
+        if p.inbound_at is None:
+            return None
+        limit, learnt_at = ps.budget.given, None
+        if limit is None and ps.budget.on and (learnt := self.store.bot_budget(bot)) is not None:
+            limit, learnt_at = learnt
+        return BudgetView(
+            inbound_at=p.inbound_at,
+            used=p.sent,
+            limit=limit,
+            learnt_at=learnt_at,
+            refused=p.refused_at is not None,
+            nudged=p.nudged_at is not None,
+            newest=token is not None and token == p.newest_token,
+        )
+
+    def window_budget(self, rule: Rule, bot: str, peer: str) -> BudgetView | None:
+        """The peer's window now (for the outbox: deferred deliveries count against it)."""
+        ps = rule.peer_state
+        if ps is None or not ps.budget.on or (p := self.store.peer(bot, peer)) is None:
+            return None
+        return self._budget_view(ps, bot, p, None)
 
     def _message(self, bot: str, client_id: str, since: float) -> MessageRecord | None:
         """The message as known here: what could not be stored (memory), else the store."""
@@ -466,6 +523,12 @@ class PeerTracker:
                         store.close_window(send.bot, send.peer, effect.until, effect.status, effect.body, now)
                     elif isinstance(effect, StartCooldown):
                         store.start_cooldown(send.bot, effect.until, effect.status, effect.body, now)
+                    elif isinstance(effect, CountSend) and send.peer:
+                        store.count_send(send.bot, send.peer, effect.limit, effect.nudged, now)
+                    elif isinstance(effect, SpendBudget) and send.peer:
+                        store.spend_budget(send.bot, send.peer, now)
+                    elif isinstance(effect, LearnBudget):
+                        store.learn_budget(send.bot, effect.limit, now)
         except _STORE_ERRORS as e:
             self._store_failed(e)
             if settled is not None and send.client_id:
@@ -558,6 +621,24 @@ class PeerTracker:
                 f"with context_token {token_hash(send.token)}: {len(answers)} attempt(s) [{tokens}]: "
                 f"{summary_final}"
             )
+        nudged = any(isinstance(e, CountSend) and e.nudged for e in effects)
+        if nudged:
+            note = final.headers.get(HEADER)
+            final.headers[HEADER] = f"{note}; nudged" if note else f"passed; rule={rule.name}; nudged"
+            log.info(f"nudged: sendmessage to peer {token_hash(send.peer)} carried the window keeper's text")
+        learnt_events = tuple(e.event for e in effects if isinstance(e, LearnBudget))
+        events = (("reprobed",) if x.probe else ()) + learnt_events
+        if decision is Decision.BUDGET_SPENT:
+            learnt = next((e.limit for e in effects if isinstance(e, LearnBudget)), None)
+            log.info(
+                f"budget-spent: iLink refused a send to peer {token_hash(send.peer)} carrying its newest "
+                f"token after {x.snap.budget.used if x.snap.budget else 0} accepted since it last wrote"
+                + (f"; budget per inbound message {learnt} for this bot" if learnt is not None else "")
+                + "; further sends wait until it writes"
+            )
+        elif "raised" in events:
+            log.info(f"budget raised: iLink accepted a send to peer {token_hash(send.peer)} beyond it")
+        facts = budget_facts(x.snap.budget, now, events, effects)
         if c.delivery is Delivery.UNCONFIRMED:
             mark_unconfirmed(final, rule, c.replaced)
             log.info(
@@ -572,8 +653,18 @@ class PeerTracker:
             and decision != Decision.REISSUE_FAILED
             and c.replaced is None
         )
-        outcome = Outcome(final, decision, accepted=accepted, trace=trace, record=record, delivery=c.delivery)
-        if decision is Decision.WINDOW_CLOSED and ps.on_closed == "defer" and send.peer:
+        outcome = Outcome(
+            final,
+            decision,
+            accepted=accepted,
+            trace=trace,
+            record=record,
+            delivery=c.delivery,
+            budget=facts,
+            nudged=nudged,
+        )
+        closed = decision in (Decision.WINDOW_CLOSED, Decision.BUDGET_SPENT)
+        if closed and ps.on_closed == "defer" and send.peer:
             deferred = self._deferred(
                 rule,
                 send.bot,
@@ -582,9 +673,15 @@ class PeerTracker:
                 send.request,
                 send.via,
                 (final.status_code, final_body),
+                "budget-spent" if decision is Decision.BUDGET_SPENT else "window-closed",
             )
             return Outcome(
-                deferred.response, deferred.decision, trace=trace, record=record, delivery=c.delivery
+                deferred.response,
+                deferred.decision,
+                trace=trace,
+                record=record,
+                delivery=c.delivery,
+                budget=facts,
             )
         return outcome
 
@@ -597,6 +694,7 @@ class PeerTracker:
         request: http.Request,
         via: Any,
         refusal: tuple[int, bytes] | None,
+        reason: str = "window-closed",
     ) -> Outcome:
         """Queue the send for delivery when the peer writes, and answer per defer_answer."""
         ps = rule.peer_state
@@ -616,9 +714,9 @@ class PeerTracker:
                 f"outbox: sendmessage to peer {token_hash(peer)} client_id {client_id or '-'} not queued: "
                 "its body cannot be stored without its context_token (not plain UTF-8 JSON)"
             )
-            note = f"answered-locally; reason=window-closed; rule={rule.name}; not-deferred=body-not-editable"
+            note = f"answered-locally; reason={reason}; rule={rule.name}; not-deferred=body-not-editable"
             return Outcome(_local_response(refusal[0], refusal[1], note), Decision.ANSWERED_LOCALLY)
-        note = f"deferred; rule={rule.name}; queued={queued}; reason=window-closed"
+        note = f"deferred; rule={rule.name}; queued={queued}; reason={reason}"
         if result == "queued":
             log.info(
                 f"deferred: sendmessage to peer {token_hash(peer)} client_id {client_id or '-'} queued "
@@ -627,6 +725,27 @@ class PeerTracker:
         if ps.defer_answer == "accepted" or not refusal[1]:
             return Outcome(_local_response(200, b'{"ret":0}', note), Decision.DEFERRED)
         return Outcome(_local_response(refusal[0], refusal[1], note), Decision.DEFERRED)
+
+
+def budget_facts(
+    b: BudgetView | None, now: float, events: tuple[str, ...] = (), effects: tuple[Effect, ...] = ()
+) -> dict[str, Any] | None:
+    """The peer's send budget after a send, as journaled (`budget`) and shown by explain: sends
+    iLink accepted in the window, the known limit, what is left, the window's age, and what
+    happened to the budget (learnt, raised, confirmed, reprobed, exhausted)."""
+    if b is None:
+        return None
+    used = b.used + sum(1 for e in effects if isinstance(e, CountSend))
+    limit = next((e.limit for e in effects if isinstance(e, LearnBudget)), b.limit)
+    spent = b.refused or any(isinstance(e, SpendBudget) for e in effects)
+    left = 0 if spent else (None if limit is None else max(limit - used, 0))
+    return {
+        "used": used,
+        "limit": limit,
+        "left": left,
+        "window_age_s": round(now - b.inbound_at, 1),
+        "events": list(events),
+    }
 
 
 async def drive(
@@ -738,10 +857,33 @@ def describe_state(store: StateStore, *, show_ids: bool) -> str:
             f"  peer {who}  bot {p.bot[:10]}  {status}; {seen}; {_fresh_token_status(p, started, now)}; "
             f"{p.stale_tokens} stale token(s) remembered"
         )
+        if (budget := _budget_status(store, p, now)) is not None:
+            lines.append(f"    {budget}")
     for bot, until, limited in store.bots():
         cooling = f"cooling down for {until - now:.0f}s" if until and until > now else "not cooling down"
-        lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s)")
+        learnt = store.bot_budget(bot)
+        budget = (
+            f"; send budget {learnt[0]} per inbound message (learnt {now - learnt[1]:.0f}s ago)"
+            if learnt
+            else ""
+        )
+        lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s){budget}")
     return "\n".join(lines)
+
+
+def _budget_status(store: StateStore, p: Peer, now: float) -> str | None:
+    """The peer's send budget in its window, when one is known (a given limit is known to the
+    proxy's rules only: the file shows the limit that applied at the window's last send)."""
+    if p.inbound_at is None:
+        return None
+    learnt = store.bot_budget(p.bot)
+    limit = p.budget_limit if p.budget_limit is not None else (learnt[0] if learnt else None)
+    window = f"{p.sent} send(s) accepted since the peer last wrote {now - p.inbound_at:.0f}s ago"
+    if p.refused_at is not None:
+        return f"send budget SPENT (iLink refused the newest token {now - p.refused_at:.0f}s ago): {window}"
+    if limit is None:
+        return None
+    return f"send budget {max(limit - p.sent, 0)} of {limit} left: {window}"
 
 
 def _fresh_token_status(p: Peer, started: float | None, now: float) -> str:

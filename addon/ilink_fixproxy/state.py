@@ -93,6 +93,11 @@ class Peer:
     closed_status: int | None
     closed_body: bytes | None
     stale_tokens: int = 0
+    # The send budget of the peer's current window (since inbound_at; reset by saw_inbound):
+    sent: int = 0  # sends iLink accepted (count_send)
+    refused_at: float | None = None  # iLink refused a send with the newest token (spend_budget)
+    nudged_at: float | None = None  # the window keeper's nudge went (count_send nudged=True)
+    budget_limit: int | None = None  # the limit known at the last count_send (for the gauge)
 
 
 @dataclass(frozen=True)
@@ -218,10 +223,20 @@ class StateStore:
         return None
 
     def _migrate(self) -> None:
-        """State files written before messages had a `state` (see core.model.MessageState)."""
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
-        if "state" not in columns:
-            self.db.execute("ALTER TABLE messages ADD COLUMN state TEXT")
+        """State files written before messages had a `state` (see core.model.MessageState), and
+        before send budgets (peers: the window's counters; bots: the learnt budget)."""
+        for table, column, kind in (
+            ("messages", "state", "TEXT"),
+            ("peers", "sent", "INTEGER NOT NULL DEFAULT 0"),
+            ("peers", "refused_at", "REAL"),
+            ("peers", "nudged_at", "REAL"),
+            ("peers", "budget_limit", "INTEGER"),
+            ("bots", "budget", "INTEGER"),
+            ("bots", "budget_at", "REAL"),
+        ):
+            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _take_lock(self, p: Path, shown: str) -> None:
         lock_path = p.with_name(p.name + ".lock")
@@ -308,18 +323,85 @@ class StateStore:
                  newest_seen = CASE WHEN excluded.newest_token IS NULL THEN newest_seen
                                     ELSE excluded.newest_seen END,
                  inbound_at = excluded.inbound_at, closed_until = NULL, closed_status = NULL,
-                 closed_body = NULL, updated = excluded.updated""",
+                 closed_body = NULL, sent = 0, refused_at = NULL, nudged_at = NULL,
+                 updated = excluded.updated""",
             (bot, peer, token_hash, now if token_hash else None, now, now),
         )
         self._wrote()
 
+    _PEER_COLUMNS = (
+        "p.bot, p.peer, p.newest_token, p.newest_seen, p.inbound_at, p.closed_until, p.closed_status, "
+        "p.closed_body, p.sent, p.refused_at, p.nudged_at, p.budget_limit"
+    )
+
+    @staticmethod
+    def _peer_row(r: tuple, stale: int = 0) -> Peer:
+        return Peer(
+            *r[:7],
+            bytes(r[7]) if r[7] is not None else None,
+            stale,
+            sent=r[8] or 0,
+            refused_at=r[9],
+            nudged_at=r[10],
+            budget_limit=r[11],
+        )
+
     def peer(self, bot: str, peer: str) -> Peer | None:
         row = self.db.execute(
-            """SELECT bot, peer, newest_token, newest_seen, inbound_at, closed_until, closed_status,
-                      closed_body FROM peers WHERE bot = ? AND peer = ?""",
-            (bot, peer),
+            f"SELECT {self._PEER_COLUMNS} FROM peers p WHERE p.bot = ? AND p.peer = ?", (bot, peer)
         ).fetchone()
-        return Peer(*row[:7], bytes(row[7]) if row[7] is not None else None) if row else None
+        return self._peer_row(row) if row else None
+
+    # ------------------------------------------------------------------ send budgets
+
+    def count_send(self, bot: str, peer: str, limit: int | None, nudged: bool, now: float) -> None:
+        """iLink accepted one more send to `peer` in its current window: `sent` + 1; `limit` is
+        the budget known then (kept for budget_spent_peers); `nudged`: it carried the nudge."""
+        self.db.execute(
+            """INSERT INTO peers (bot, peer, sent, budget_limit, nudged_at, updated)
+               VALUES (?, ?, 1, ?, ?, ?)
+               ON CONFLICT (bot, peer) DO UPDATE SET sent = sent + 1,
+                 budget_limit = excluded.budget_limit,
+                 nudged_at = COALESCE(excluded.nudged_at, nudged_at), updated = excluded.updated""",
+            (bot, peer, limit, now if nudged else None, now),
+        )
+        self._wrote()
+
+    def spend_budget(self, bot: str, peer: str, now: float) -> None:
+        """iLink refused a send carrying the peer's newest token after accepted ones: its budget
+        is spent until it writes again (saw_inbound clears it)."""
+        self.db.execute(
+            """INSERT INTO peers (bot, peer, refused_at, updated) VALUES (?, ?, ?, ?)
+               ON CONFLICT (bot, peer) DO UPDATE SET refused_at = excluded.refused_at,
+                 updated = excluded.updated""",
+            (bot, peer, now, now),
+        )
+        self._wrote()
+
+    def learn_budget(self, bot: str, limit: int, now: float) -> None:
+        """The bot's budget per inbound message is `limit` (learnt, raised or confirmed at `now`)."""
+        self.db.execute(
+            """INSERT INTO bots (bot, budget, budget_at, updated) VALUES (?, ?, ?, ?)
+               ON CONFLICT (bot) DO UPDATE SET budget = excluded.budget,
+                 budget_at = excluded.budget_at, updated = excluded.updated""",
+            (bot, limit, now, now),
+        )
+        self._wrote()
+
+    def bot_budget(self, bot: str) -> tuple[int, float] | None:
+        """The bot's learnt budget per inbound message and when it was learnt (or last checked)."""
+        row = self.db.execute(
+            "SELECT budget, budget_at FROM bots WHERE bot = ? AND budget IS NOT NULL", (bot,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def budget_spent_peers(self) -> int:
+        """Peers whose known budget is spent now: refused in this window, or as many sends as
+        the limit known at their last count."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM peers WHERE refused_at IS NOT NULL "
+            "OR (budget_limit IS NOT NULL AND sent >= budget_limit)"
+        ).fetchone()[0]
 
     def close_window(self, bot: str, peer: str, until: float, status: int, body: bytes, now: float) -> None:
         self.db.execute(
@@ -341,12 +423,11 @@ class StateStore:
 
     def peers(self) -> list[Peer]:
         rows = self.db.execute(
-            """SELECT p.bot, p.peer, p.newest_token, p.newest_seen, p.inbound_at, p.closed_until,
-                      p.closed_status, p.closed_body,
+            f"""SELECT {self._PEER_COLUMNS},
                       (SELECT COUNT(*) FROM stale_tokens s WHERE s.bot = p.bot AND s.peer = p.peer)
                FROM peers p ORDER BY p.updated DESC"""
         ).fetchall()
-        return [Peer(*r[:7], bytes(r[7]) if r[7] is not None else None, r[8]) for r in rows]
+        return [self._peer_row(r[:12], r[12]) for r in rows]
 
     def forget_peer(self, peer_or_hash: str, hasher: callable | None = None) -> int:  # type: ignore[valid-type]
         """Forget everything about a peer (by id, or by the short hash `state` shows)."""
