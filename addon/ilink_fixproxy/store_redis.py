@@ -261,9 +261,9 @@ end
 local queued, message, bot, peer, token_stale, newest_stale = false, false, false, false, 0, 0
 if KEYS[1] ~= '' then queued = redis.call('GET', KEYS[1]) end
 if KEYS[2] ~= '' then message = redis.call('HMGET', KEYS[2], 'a', 'acc', 's', 'ans', 'u') end
-bot = redis.call('HMGET', KEYS[3], 'cu', 'cs', 'cb')
+bot = redis.call('HMGET', KEYS[3], 'cu', 'cs', 'cb', 'bg', 'ba')
 if KEYS[4] ~= '' then
-  peer = redis.call('HMGET', KEYS[4], 'nt', 'ns', 'ia', 'cu', 'cs', 'cb', 'ft')
+  peer = redis.call('HMGET', KEYS[4], 'nt', 'ns', 'ia', 'cu', 'cs', 'cb', 'ft', 'sn', 'rf', 'nd', 'bl')
   if peer[1] and peer[7] then newest_stale = redis.call('EXISTS', ARGV[1] .. peer[1]) end
 end
 if KEYS[5] ~= '' then token_stale = redis.call('EXISTS', KEYS[5]) end
@@ -402,10 +402,11 @@ class RedisStore:
         *,
         with_peer: bool,
         with_fresh: bool,
+        with_budget: bool = False,
         lease: tuple[str, float] | None = None,
     ) -> Reads:
         hc = self.keyed_hash(client_id) if client_id else ""
-        pk = self._peer_key(bot, peer) if peer and (with_peer or with_fresh) else ""
+        pk = self._peer_key(bot, peer) if peer and (with_peer or with_fresh or with_budget) else ""
         keys = [
             f"{PREFIX}qc:{bot}:{hc}" if hc and peer else "",
             f"{PREFIX}m:{bot}:{hc}" if hc else "",
@@ -423,11 +424,12 @@ class RedisStore:
         return Reads(
             queued_id=int(queued) if queued is not None else None,
             message=self._decode_message(keys[1], m, since) if m else None,
-            cooldown=self._decode_cooldown(keys[2], b, now),
-            peer=self._decode_peer(bot, peer or "", pk, p[:6]) if p else None,
+            cooldown=self._decode_cooldown(keys[2], b[:3], now),
+            peer=self._decode_peer(bot, peer or "", pk, [*p[:6], *p[7:]]) if p else None,
             fresh=fresh.decode("utf-8", "replace") if fresh is not None else None,
             token_stale=bool(token_stale),
             newest_stale=bool(newest_stale),
+            bot_budget=self._decode_budget(b[3:]) if with_budget else None,
         )
 
     @_op("message")
@@ -543,14 +545,19 @@ class RedisStore:
 
     # ------------------------------------------------------------------ peers
 
+    _PEER_FIELDS = ("nt", "ns", "ia", "cu", "cs", "cb", "sn", "rf", "nd", "bl")
+
     @_op("peer")
     async def peer(self, bot: str, peer: str) -> Peer | None:
         key = self._peer_key(bot, peer)
-        return self._decode_peer(bot, peer, key, await self._r.hmget(key, "nt", "ns", "ia", "cu", "cs", "cb"))
+        return self._decode_peer(bot, peer, key, await self._r.hmget(key, *self._PEER_FIELDS))
 
-    def _decode_peer(self, bot: str, peer: str, key: str, fields: list[bytes | None]) -> Peer | None:
-        nt, ns, ia, cu, cs, cb = fields
-        if nt is None and ia is None and cu is None:
+    def _decode_peer(
+        self, bot: str, peer: str, key: str, fields: list[bytes | None], stale: int | None = None
+    ) -> Peer | None:
+        """The peer's record; None if there is none (`stale` given: listed by `peers`, always)."""
+        nt, ns, ia, cu, cs, cb, sn, rf, nd, bl = fields
+        if stale is None and nt is None and ia is None and cu is None and sn is None and rf is None:
             return None
         return Peer(
             bot,
@@ -561,6 +568,11 @@ class RedisStore:
             float(cu) if cu else None,
             int(cs) if cs else None,
             self._open(cb, key + ":cb") if cb else None,
+            stale or 0,
+            sent=int(sn or 0),
+            refused_at=float(rf) if rf else None,
+            nudged_at=float(nd) if nd else None,
+            budget_limit=int(bl) if bl else None,
         )
 
     @_op("fresh")
@@ -581,9 +593,69 @@ class RedisStore:
             fields.update(nt=token_hash, ns=repr(now))
         async with self._r.pipeline(transaction=True) as p:
             p.hset(key, mapping=fields)
-            p.hdel(key, "cu", "cs", "cb")
+            # The window reopens, and a new send budget with it (the bot's learnt limit stays).
+            p.hdel(key, "cu", "cs", "cb", "sn", "rf", "nd")
             p.expire(key, PEER_TTL_S)
             await p.execute()
+
+    # ------------------------------------------------------------------ send budgets
+
+    @_op("count_send")
+    async def count_send(self, bot: str, peer: str, limit: int | None, nudged: bool, now: float) -> None:
+        """One more send accepted in the peer's window: HINCRBY in a MULTI, so sends through
+        every replica add up (none is lost to a read-modify-write race)."""
+        key = self._peer_key(bot, peer)
+        fields: dict[str, Any] = {"u": repr(now), "pid": self._seal(peer.encode(), key + ":pid")}
+        if limit is not None:
+            fields["bl"] = limit
+        if nudged:
+            fields["nd"] = repr(now)
+        async with self._r.pipeline(transaction=True) as p:
+            p.hincrby(key, "sn", 1)
+            p.hset(key, mapping=fields)
+            if limit is None:
+                p.hdel(key, "bl")
+            p.expire(key, PEER_TTL_S)
+            await p.execute()
+
+    @_op("spend_budget")
+    async def spend_budget(self, bot: str, peer: str, now: float) -> None:
+        key = self._peer_key(bot, peer)
+        fields = {"rf": repr(now), "u": repr(now), "pid": self._seal(peer.encode(), key + ":pid")}
+        async with self._r.pipeline(transaction=True) as p:
+            p.hset(key, mapping=fields)
+            p.expire(key, PEER_TTL_S)
+            await p.execute()
+
+    @_op("learn_budget")
+    async def learn_budget(self, bot: str, limit: int, now: float) -> None:
+        """The bot's budget per inbound message, for every replica (on the bot's hash, next to
+        its cooldown, which this leaves alone)."""
+        key = f"{PREFIX}b:{bot}"
+        async with self._r.pipeline(transaction=True) as p:
+            p.hset(key, mapping={"bg": limit, "ba": repr(now), "u": repr(now)})
+            p.expire(key, PEER_TTL_S)
+            await p.execute()
+
+    @_op("bot_budget")
+    async def bot_budget(self, bot: str) -> tuple[int, float] | None:
+        return self._decode_budget(await self._r.hmget(f"{PREFIX}b:{bot}", "bg", "ba"))
+
+    @staticmethod
+    def _decode_budget(fields: list[bytes | None]) -> tuple[int, float] | None:
+        bg, ba = fields
+        return (int(bg), float(ba or 0)) if bg else None
+
+    @_op("budget_spent_peers")
+    async def budget_spent_peers(self) -> int:
+        keys = await self._scan("p")
+        if not keys:
+            return 0
+        async with self._r.pipeline(transaction=False) as p:
+            for key in keys:
+                p.hmget(key, "sn", "rf", "bl")
+            rows = await p.execute()
+        return sum(1 for sn, rf, bl in rows if rf or (bl and int(sn or 0) >= int(bl)))
 
     @_op("remember_fresh")
     async def remember_fresh(self, bot: str, peer: str, token: str) -> None:
@@ -873,22 +945,10 @@ class RedisStore:
                 continue
             bot, hp = k.split(":")[2:4]
             stale = await self._r.get(f"{PREFIX}sc:{bot}:{hp}")
-            found.append(
-                (
-                    float(f.get(b"u", b"0")),
-                    Peer(
-                        bot,
-                        pid.decode("utf-8", "replace"),
-                        f[b"nt"].decode() if b"nt" in f else None,
-                        float(f[b"ns"]) if b"ns" in f else None,
-                        float(f[b"ia"]) if b"ia" in f else None,
-                        float(f[b"cu"]) if b"cu" in f else None,
-                        int(f[b"cs"]) if b"cs" in f else None,
-                        self._open(f.get(b"cb"), k + ":cb"),
-                        int(stale or 0),
-                    ),
-                )
-            )
+            fields = [f.get(name.encode()) for name in self._PEER_FIELDS]
+            peer = self._decode_peer(bot, pid.decode("utf-8", "replace"), k, fields, int(stale or 0))
+            assert peer is not None
+            found.append((float(f.get(b"u", b"0")), peer))
         return [p for _, p in sorted(found, key=lambda t: -t[0])]
 
     @_op("bots")
