@@ -243,7 +243,9 @@ class Outbox:
             await self.store.dequeue(q.id)  # (its claim stays until it expires: nobody re-takes it)
             await self.store.bump("delivered_late")
             if window is not None:  # it counts against the peer's new window (shared with replicas)
-                await self.store.count_send(q.bot, q.peer, window.limit, False, self.clock())
+                await self.store.count_send(
+                    q.bot, q.peer, window.limit, False, self.clock(), window.inbound_at
+                )
             if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
                 now = self.clock()
                 headers = [

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,7 @@ UNSTORED_MAX = 100_000
 # holder renews it every third of that while its exchange runs, so a replica killed mid-exchange
 # holds the message up for at most that long.
 LEASE_MARGIN_S = 2.0
+BUDGET_WRITE_WAIT_S = 2.0  # a send waits at most this for the previous sends' budget writes
 _STORED_HEADER_SKIP = frozenset(
     {"content-length", "content-encoding", "transfer-encoding", "date", HEADER.lower()}
 )
@@ -124,6 +125,7 @@ class _Send:
     token: str | None  # the token the gateway sent (None: none)
     deadline: float
     began: int = 0  # attempts begun: sent, or about to be (it may have reached iLink)
+    window: float | None = None  # the start of the peer's window it is sent in (counted sends)
     trace: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -203,6 +205,8 @@ class PeerTracker:
         # holds, and each held lease's renewal task.
         self._owner = uuid.uuid4().hex
         self._leases: dict[tuple[str, str], _Renewal] = {}
+        # (bot, peer) -> the budget writes of sends answered but not yet stored (see _budget_record)
+        self._budget_writes: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         self.health: Health | None = None  # told about store errors and successful writes
 
     async def aclose(self) -> None:
@@ -354,6 +358,8 @@ class PeerTracker:
         # have started an exchange meanwhile: wait for that one too.
         while key and (running := self._inflight.get(key)) is not None:
             await asyncio.shield(running)
+        if peer and (bot, peer) in self._budget_writes:
+            await self._budget_written(bot, peer)
         # Taken before the store is read (a shared store's reads suspend: a retry arriving
         # meanwhile must wait for this one), released once what it taught us is stored.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -408,6 +414,7 @@ class PeerTracker:
                 client_id=client_id,
                 token=token,
                 deadline=flow.request.timestamp_start + rule.action.deadline_s,
+                window=snap.budget.inbound_at if snap.budget is not None else None,
             )
             # Run right here, in mitmproxy's hook task: mitmproxy never cancels a hook task when
             # the gateway hangs up (it only abandons its own upstream exchange; proxy/server.py in
@@ -567,6 +574,45 @@ class PeerTracker:
         answer = StoredAnswer(m.status, tuple(m.headers), m.body or b"") if m.status is not None else None
         return MessageRecord(state, m.attempts, answer)
 
+    # ------------------------------------------------------------------ send budgets, in order
+
+    def _budget_record(
+        self, send: _Send, effects: tuple[Effect, ...], now: float
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        """_apply for a send that counts against the peer's budget, known to be pending until it
+        ran: its answer goes back first (write_back), and the gateway's next send to the peer may
+        arrive before it is stored; that send waits for it (_budget_written) so it reads the
+        count this one left, not the one before (a shared store's write takes round trips)."""
+        key = (send.bot, send.peer or "")
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._budget_writes.setdefault(key, set()).add(written)
+
+        async def record() -> None:
+            try:
+                await self._apply(send, effects, now)
+            finally:
+                self._budget_done(key, written)
+
+        return record
+
+    def _budget_done(self, key: tuple[str, str], written: asyncio.Future[None]) -> None:
+        if (waiting := self._budget_writes.get(key)) is not None:
+            waiting.discard(written)
+            if not waiting:
+                del self._budget_writes[key]
+        if not written.done():
+            written.set_result(None)
+
+    async def _budget_written(self, bot: str, peer: str) -> None:
+        """Until the budget writes of the peer's sends answered before this one are stored (at
+        most BUDGET_WRITE_WAIT_S: one whose write-back never comes is not waited for again)."""
+        pending = set(self._budget_writes.get((bot, peer), ()))
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=BUDGET_WRITE_WAIT_S)
+        for written in late:
+            self._budget_done((bot, peer), written)
+
     # ------------------------------------------------------------------ the store, and its faults
 
     async def _begin_attempt(self, send: _Send, x: policy.Exchange) -> None:
@@ -625,7 +671,9 @@ class PeerTracker:
         # The message's lease is let go with its record, after everything else the send taught
         # us is stored (a waiting replica then reads all of it): the settlement goes last.
         release = self._owner if key is not None and key in self._leases else None
-        ordered = sorted(effects, key=lambda e: isinstance(e, SettleMessage))
+        # Likewise a spent budget goes after the limit learnt with it: whoever sees the one (another
+        # replica's next send) sees the other.
+        ordered = sorted(effects, key=lambda e: (isinstance(e, SettleMessage), isinstance(e, SpendBudget)))
         try:
             async with store.batch(write=True):
                 for effect in ordered:
@@ -655,9 +703,11 @@ class PeerTracker:
                     elif isinstance(effect, StartCooldown):
                         await store.start_cooldown(send.bot, effect.until, effect.status, effect.body, now)
                     elif isinstance(effect, CountSend) and send.peer:
-                        await store.count_send(send.bot, send.peer, effect.limit, effect.nudged, now)
+                        await store.count_send(
+                            send.bot, send.peer, effect.limit, effect.nudged, now, send.window
+                        )
                     elif isinstance(effect, SpendBudget) and send.peer:
-                        await store.spend_budget(send.bot, send.peer, now)
+                        await store.spend_budget(send.bot, send.peer, now, send.window)
                     elif isinstance(effect, LearnBudget):
                         await store.learn_budget(send.bot, effect.limit, now)
         except store.errors as e:
@@ -777,7 +827,10 @@ class PeerTracker:
                 f"{send.client_id or '-'}: iLink accepted it without a message_id; the gateway gets "
                 f"{'a failure' if c.replaced else 'the answer as it came'}"
             )
-        record = functools.partial(self._apply, send, effects, now)
+        if send.peer and any(isinstance(e, (CountSend, SpendBudget, LearnBudget)) for e in effects):
+            record = self._budget_record(send, effects, now)
+        else:
+            record = functools.partial(self._apply, send, effects, now)
         accepted = (
             c.final is not None
             and c.final.verdict is Verdict.SUCCESS

@@ -372,9 +372,22 @@ class StateStore:
 
     # ------------------------------------------------------------------ send budgets
 
-    def count_send(self, bot: str, peer: str, limit: int | None, nudged: bool, now: float) -> None:
+    def count_send(
+        self, bot: str, peer: str, limit: int | None, nudged: bool, now: float, window: float | None = None
+    ) -> None:
         """iLink accepted one more send to `peer` in its current window: `sent` + 1; `limit` is
-        the budget known then (kept for budget_spent_peers); `nudged`: it carried the nudge."""
+        the budget known then (kept for budget_spent_peers); `nudged`: it carried the nudge.
+        `window`: the start (inbound_at) of the window it was sent in, read before the send: if
+        the peer wrote since, it belongs to a window gone and is not counted in the new one."""
+        if window is not None:
+            self.db.execute(
+                """UPDATE peers SET sent = sent + 1, budget_limit = ?,
+                     nudged_at = COALESCE(?, nudged_at), updated = ?
+                   WHERE bot = ? AND peer = ? AND inbound_at = ?""",
+                (limit, now if nudged else None, now, bot, peer, window),
+            )
+            self._wrote()
+            return
         self.db.execute(
             """INSERT INTO peers (bot, peer, sent, budget_limit, nudged_at, updated)
                VALUES (?, ?, 1, ?, ?, ?)
@@ -385,9 +398,16 @@ class StateStore:
         )
         self._wrote()
 
-    def spend_budget(self, bot: str, peer: str, now: float) -> None:
+    def spend_budget(self, bot: str, peer: str, now: float, window: float | None = None) -> None:
         """iLink refused a send carrying the peer's newest token after accepted ones: its budget
-        is spent until it writes again (saw_inbound clears it)."""
+        is spent until it writes again (saw_inbound clears it). `window`: as for count_send."""
+        if window is not None:
+            self.db.execute(
+                "UPDATE peers SET refused_at = ?, updated = ? WHERE bot = ? AND peer = ? AND inbound_at = ?",
+                (now, now, bot, peer, window),
+            )
+            self._wrote()
+            return
         self.db.execute(
             """INSERT INTO peers (bot, peer, refused_at, updated) VALUES (?, ?, ?, ?)
                ON CONFLICT (bot, peer) DO UPDATE SET refused_at = excluded.refused_at,
@@ -990,11 +1010,13 @@ class SqliteStore:
     async def saw_inbound(self, bot: str, peer: str, token_hash: str | None, now: float) -> None:
         self.db.saw_inbound(bot, peer, token_hash, now)
 
-    async def count_send(self, bot: str, peer: str, limit: int | None, nudged: bool, now: float) -> None:
-        self.db.count_send(bot, peer, limit, nudged, now)
+    async def count_send(
+        self, bot: str, peer: str, limit: int | None, nudged: bool, now: float, window: float | None = None
+    ) -> None:
+        self.db.count_send(bot, peer, limit, nudged, now, window)
 
-    async def spend_budget(self, bot: str, peer: str, now: float) -> None:
-        self.db.spend_budget(bot, peer, now)
+    async def spend_budget(self, bot: str, peer: str, now: float, window: float | None = None) -> None:
+        self.db.spend_budget(bot, peer, now, window)
 
     async def learn_budget(self, bot: str, limit: int, now: float) -> None:
         self.db.learn_budget(bot, limit, now)

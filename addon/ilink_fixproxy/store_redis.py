@@ -269,6 +269,20 @@ end
 if KEYS[5] ~= '' then token_stale = redis.call('EXISTS', KEYS[5]) end
 return {1, queued, message, bot, peer, token_stale, newest_stale}
 """
+# KEYS[1] peer; ARGV window (its inbound_at as stored, '' for any), field, value, ttl_s, then
+# what else to set (name, value). `field` is 'sn' (counted: +1) or 'rf' (set to value). Nothing
+# when the peer wrote since the window the send was made in (a late write leaves the new one be).
+_BUDGET = """
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'ia') ~= ARGV[1] then return 0 end
+if ARGV[2] == 'sn' then redis.call('HINCRBY', KEYS[1], 'sn', 1)
+else redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+for i = 5, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 # KEYS[1] flush requests
 _TAKE_FLUSH = """
 local v = redis.call('HKEYS', KEYS[1])
@@ -310,6 +324,7 @@ class RedisStore:
                 ("claim", _CLAIM),
                 ("take_flush", _TAKE_FLUSH),
                 ("snapshot", _SNAPSHOT),
+                ("budget", _BUDGET),
             )
         }
 
@@ -601,31 +616,31 @@ class RedisStore:
     # ------------------------------------------------------------------ send budgets
 
     @_op("count_send")
-    async def count_send(self, bot: str, peer: str, limit: int | None, nudged: bool, now: float) -> None:
-        """One more send accepted in the peer's window: HINCRBY in a MULTI, so sends through
-        every replica add up (none is lost to a read-modify-write race)."""
+    async def count_send(
+        self, bot: str, peer: str, limit: int | None, nudged: bool, now: float, window: float | None = None
+    ) -> None:
+        """One more send accepted in the peer's window: HINCRBY in one script, so sends through
+        every replica add up (none lost to a read-modify-write race), and only while the window
+        it was sent in is still the peer's (see ports.Store)."""
         key = self._peer_key(bot, peer)
-        fields: dict[str, Any] = {"u": repr(now), "pid": self._seal(peer.encode(), key + ":pid")}
-        if limit is not None:
-            fields["bl"] = limit
+        extra = ["u", repr(now), "pid", self._seal(peer.encode(), key + ":pid")]
+        extra += ["bl", str(limit) if limit is not None else ""]
         if nudged:
-            fields["nd"] = repr(now)
-        async with self._r.pipeline(transaction=True) as p:
-            p.hincrby(key, "sn", 1)
-            p.hset(key, mapping=fields)
-            if limit is None:
-                p.hdel(key, "bl")
-            p.expire(key, PEER_TTL_S)
-            await p.execute()
+            extra += ["nd", repr(now)]
+        await self._budget_write(key, window, "sn", "1", extra)
 
     @_op("spend_budget")
-    async def spend_budget(self, bot: str, peer: str, now: float) -> None:
+    async def spend_budget(self, bot: str, peer: str, now: float, window: float | None = None) -> None:
         key = self._peer_key(bot, peer)
-        fields = {"rf": repr(now), "u": repr(now), "pid": self._seal(peer.encode(), key + ":pid")}
-        async with self._r.pipeline(transaction=True) as p:
-            p.hset(key, mapping=fields)
-            p.expire(key, PEER_TTL_S)
-            await p.execute()
+        extra = ["u", repr(now), "pid", self._seal(peer.encode(), key + ":pid")]
+        await self._budget_write(key, window, "rf", repr(now), extra)
+
+    async def _budget_write(
+        self, key: str, window: float | None, field: str, value: str, extra: list[Any]
+    ) -> None:
+        # (the window as saw_inbound stored it: repr of the same float, so equal strings)
+        args = [repr(window) if window is not None else "", field, value, PEER_TTL_S, *extra]
+        await self._scripts["budget"](keys=[key], args=args)
 
     @_op("learn_budget")
     async def learn_budget(self, bot: str, limit: int, now: float) -> None:
