@@ -12,13 +12,16 @@ from ilink_fixproxy import rules as rules_mod
 from ilink_fixproxy.core import policy
 from ilink_fixproxy.core.model import (
     BeginAttempt,
+    BudgetView,
     CloseWindow,
     Cooling,
     CountRateLimit,
+    CountSend,
     Decision,
     Defer,
     Delivery,
     Go,
+    LearnBudget,
     LocalAnswer,
     MarkStale,
     MessageRecord,
@@ -26,6 +29,7 @@ from ilink_fixproxy.core.model import (
     OpenWindow,
     SettleMessage,
     Snapshot,
+    SpendBudget,
     StartCooldown,
     StoredAnswer,
     Verdict,
@@ -508,3 +512,133 @@ def test_without_peer_state_an_unconfirmed_repair_is_replaced_under_fail():
     c = x.conclude(NOW)
     assert c.decision is Decision.REPAIRED and c.delivery is Delivery.UNCONFIRMED
     assert c.replaced is not None and c.replaced.body == policy.UNCONFIRMED_FAILURE
+
+
+# ---------------------------------------------------------------- send budget and window keeper
+
+OK = b'{"ret":0,"message_id":7489534892789345001}'
+
+
+def window(used: int = 0, limit: int | None = None, **kw: object) -> BudgetView:
+    return BudgetView(inbound_at=NOW - 100, used=used, limit=limit, **kw)  # type: ignore[arg-type]
+
+
+def budget_rule(per_inbound: object = "auto", nudge: rules_mod.Nudge | None = None, **peer_state: object):
+    return rule(budget=rules_mod.Budget(per_inbound=per_inbound), nudge=nudge, **peer_state)  # type: ignore[arg-type]
+
+
+def sent_newest(b: BudgetView, r, answer: bytes, *, probe: bool = False, nudge: str | None = None, text="hi"):
+    """One send carrying the peer's newest token, answered `answer`."""
+    original = json.dumps(
+        {
+            "msg": {
+                "to_user_id": "p",
+                "context_token": "tok",
+                "item_list": [{"type": 1, "text_item": {"text": text}}],
+            }
+        }
+    ).encode()
+    x = policy.Exchange(r, Snapshot(budget=b), 0, "tok", original, "p", NOW + 10, probe=probe, nudge=nudge)
+    step = x.first()
+    x.answered(200, (), answer, json.loads(answer))
+    return x, step
+
+
+def test_an_accepted_send_is_counted_against_the_window():
+    x, _ = sent_newest(window(3, 10, learnt_at=NOW - 5, newest=True), budget_rule(), OK)
+    c = x.conclude(NOW)
+    assert CountSend(10) in c.effects and not any(isinstance(e, LearnBudget) for e in c.effects)
+    # not counted without a window (no inbound seen), nor with budget: off
+    y = exchange()
+    y.first()
+    y.answered(200, (), OK, json.loads(OK))
+    assert not any(isinstance(e, CountSend) for e in y.conclude(NOW).effects)
+    z, _ = sent_newest(window(3, newest=True), budget_rule("off"), OK)
+    assert not any(isinstance(e, CountSend) for e in z.conclude(NOW).effects)
+
+
+def test_auto_learns_the_budget_from_the_first_refusal_of_the_newest_token_and_never_reissues():
+    x, _ = sent_newest(window(10, newest=True), budget_rule(), STALE)
+    assert x.next(NOW) is None  # no tokenless re-issue: it would be refused too (a longer penalty)
+    c = x.conclude(NOW)
+    assert c.decision is Decision.BUDGET_SPENT
+    assert SpendBudget() in c.effects and LearnBudget(10, "learnt") in c.effects
+    # an exhausted budget, not a rate limit: no cooldown, and the window is not closed either
+    assert not any(isinstance(e, CountRateLimit | CloseWindow) for e in c.effects)
+    assert settled(c.effects).state is MessageState.REFUSED
+    # a given limit is never learnt, only spent
+    y, _ = sent_newest(window(4, 5, newest=True), budget_rule(5), STALE)
+    assert y.next(NOW) is None
+    c = y.conclude(NOW)
+    assert c.decision is Decision.BUDGET_SPENT and SpendBudget() in c.effects
+    assert not any(isinstance(e, LearnBudget) for e in c.effects)
+
+
+def test_a_refusal_before_any_accepted_send_or_with_an_old_token_is_not_a_budget():
+    x, _ = sent_newest(window(0, newest=True), budget_rule(), STALE)  # nothing accepted yet
+    assert x.next(NOW) is not None  # a stale token as before: re-issued without it
+    y, _ = sent_newest(window(5), budget_rule(), STALE)  # the gateway's token is not the newest
+    assert y.next(NOW) is not None
+    # ... but a fresh one substituted for it is the newest
+    b = window(5)
+    snap = Snapshot(budget=b, fresh="fresh-tok")
+    z = policy.Exchange(budget_rule(), snap, 0, "old", body("old"), "p", NOW + 10)
+    assert z.first().token == "fresh-tok"
+    z.answered(200, (), STALE, json.loads(STALE))
+    assert z.next(NOW) is None and z.conclude(NOW).decision is Decision.BUDGET_SPENT
+
+
+def test_a_spent_budget_holds_sends_per_on_closed():
+    spent = Snapshot(budget=window(10, 10, learnt_at=NOW - 5))
+    g = policy.gate(spent, budget_rule(), NOW)
+    assert isinstance(g, LocalAnswer) and g.decision is Decision.BUDGET_HELD
+    assert json.loads(g.body)["ret"] == -2 and "used=10; limit=10; window-age=100s" in g.note
+    d = policy.gate(spent, budget_rule(on_closed="defer"), NOW)
+    assert isinstance(d, Defer) and d.reason == "budget-spent"
+    assert isinstance(policy.gate(spent, budget_rule(on_closed="pass-through"), NOW), Go)
+    assert isinstance(policy.gate(spent, budget_rule("off"), NOW), Go)
+    refused = Snapshot(budget=window(3, refused=True))  # iLink said so, whatever the count
+    assert isinstance(policy.gate(refused, budget_rule(), NOW), LocalAnswer)
+    assert policy.gate(Snapshot(budget=window(9, 10)), budget_rule(), NOW) == Go(prior=0)
+    assert policy.gate(Snapshot(budget=window(50)), budget_rule(), NOW) == Go(prior=0)  # unknown
+
+
+def test_a_learnt_budget_is_reprobed_after_a_while_and_raised_when_iLink_accepts_more():
+    old = window(10, 10, learnt_at=NOW - 3600)
+    assert policy.gate(Snapshot(budget=old), budget_rule(), NOW) == Go(prior=0, probe=True)
+    # never a probe of a given limit, nor after iLink refused in this window
+    assert isinstance(policy.gate(Snapshot(budget=window(5, 5)), budget_rule(5), NOW), LocalAnswer)
+    refused = window(10, 10, learnt_at=NOW - 3600, refused=True)
+    assert isinstance(policy.gate(Snapshot(budget=refused), budget_rule(), NOW), LocalAnswer)
+    x, _ = sent_newest(dataclasses.replace(old, newest=True), budget_rule(), OK, probe=True)
+    c = x.conclude(NOW)
+    assert CountSend(11) in c.effects and LearnBudget(11, "raised") in c.effects
+    y, _ = sent_newest(dataclasses.replace(old, newest=True), budget_rule(), STALE, probe=True)
+    assert y.next(NOW) is None
+    c = y.conclude(NOW)
+    assert c.decision is Decision.BUDGET_SPENT and LearnBudget(10, "confirmed") in c.effects
+
+
+def test_the_nudge_goes_once_per_window_on_the_send_that_leaves_when_left():
+    n = rules_mod.Nudge(text="还剩一条消息请回复任意内容", when_left=1)
+    r = budget_rule(nudge=n)
+    assert policy.nudge_text(window(7, 10, learnt_at=NOW), r.peer_state, NOW) is None  # leaves 2
+    assert policy.gate(Snapshot(budget=window(8, 10, learnt_at=NOW)), r, NOW) == Go(prior=0, nudge=n.text)
+    assert policy.nudge_text(window(8, 10, nudged=True), r.peer_state, NOW) is None  # once
+    assert policy.nudge_text(window(8), r.peer_state, NOW) is None  # budget not known
+    late = budget_rule(nudge=rules_mod.Nudge(text="ping", when_left=1, after_s=60))
+    assert policy.nudge_text(window(0), late.peer_state, NOW) == "ping"  # the window is 100 s old
+    x, step = sent_newest(window(8, 10, newest=True), r, OK, nudge=n.text, text="报告\u4e2d")
+    doc = json.loads(step.body)
+    assert doc["msg"]["item_list"][0]["text_item"]["text"] == "报告中\n" + n.text
+    assert x.nudged and CountSend(10, nudged=True) in x.conclude(NOW).effects
+
+
+def test_no_nudge_on_a_send_without_a_text_item():
+    image = json.dumps({"msg": {"to_user_id": "p", "item_list": [{"type": 2, "image_item": {}}]}}).encode()
+    x = policy.Exchange(
+        budget_rule(), Snapshot(budget=window(8, 10)), 0, None, image, "p", NOW + 10, nudge="x"
+    )
+    assert x.first().body == image and not x.nudged
+    x.answered(200, (), OK, json.loads(OK))
+    assert CountSend(10, nudged=False) in x.conclude(NOW).effects  # the next send gets it

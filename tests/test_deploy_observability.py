@@ -32,14 +32,11 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "ilink-fixproxy-dashboard.json"
 RULES = ROOT / "deploy" / "prometheus" / "ilink-fixproxy-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "ilink-fixproxy-rules.test.yml"
 
-# Metrics other branches add (issue 14: the Redis store; issue 15: send budgets). The lead
-# empties this set when they are merged: from then on the test checks them like the others.
+# Metrics other branches add (issue 14: the Redis store). The lead empties this set when they
+# are merged: from then on the test checks them like the others.
 PROMISED_BY_OTHER_BRANCHES = frozenset(
     {
         "ilink_fixproxy_store_unavailable_total",
-        "ilink_fixproxy_budget_events_total",
-        "ilink_fixproxy_nudges_total",
-        "ilink_fixproxy_peers_budget_spent",
     }
 )
 # Series Prometheus makes itself for every target.
@@ -265,7 +262,8 @@ def exposed(
     fake_server: FakeILink, pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[set[str]]:
     """The sample names a real proxy exposes once it has repaired a send, deferred two to a
-    closed window and delivered them late, and passed an exchange no rule selects."""
+    closed window and delivered them late, passed an exchange no rule selects, and learnt and
+    spent a peer's send budget."""
     fake_server.reset()
     conf = tmp_path_factory.mktemp("deploy")
     with start_proxy(
@@ -292,6 +290,17 @@ def _traffic_and_scrape(p: ProxyProcess, fake: FakeILink) -> set[str]:
     gw.poll()
     wait_for(lambda: len(fake.deliveries) == 2)
     gw.client.post(p.url + "/ilink/bot/getconfig", content=b"{}", headers=gw.headers)
+    # A peer whose send budget is 1 per inbound message: the 2nd send is refused (the budget is
+    # learnt and spent), the 3rd is deferred without reaching iLink.
+    budgeted = Gateway(p)
+    fake.budget_peers[budgeted.peer] = 1
+    token = fake.push_inbound(budgeted.peer)
+    budgeted.poll()
+    assert budgeted.send(token).headers.get("x-ilink-fixproxy") is None
+    assert budgeted.send(token).headers["x-ilink-fixproxy"].endswith("reason=budget-spent")
+    held = budgeted.send(token).headers["x-ilink-fixproxy"]
+    assert held.startswith("deferred; ") and held.endswith("reason=budget-spent")
+    budgeted.client.close()
     base = re.search(r"metrics on (http://\S+)/metrics", p.output)
     assert base, p.output
     deadline = time.monotonic() + 10
@@ -302,6 +311,14 @@ def _traffic_and_scrape(p: ProxyProcess, fake: FakeILink) -> set[str]:
             break
         time.sleep(0.05)
     gw.client.close()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("ilink_fixproxy_budget_events_total", (("event", "learnt"),))] == 1
+    assert samples[("ilink_fixproxy_budget_events_total", (("event", "exhausted"),))] == 1
+    assert samples[("ilink_fixproxy_peers_budget_spent", ())] == 1
     return names
 
 

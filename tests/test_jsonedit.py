@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ilink_fixproxy.jsonedit import get_path, parse_path, remove_member, replace_value
+from ilink_fixproxy.jsonedit import append_line, get_path, parse_path, remove_member, replace_value
 
 WS = " \t\n\r"
 
@@ -459,3 +459,25 @@ def test_set_value_replaces_or_inserts_keeping_every_other_byte():
     assert set_value(b'{"other": {}}', ("msg", "t"), "x") is None
     assert set_value(b"[1]", ("t",), "x") is None
     assert json.loads(set_value(b'{"a":1}', ("t",), "\u4f60")) == {"t": "\u4f60", "a": 1}
+
+
+def test_append_line_edits_only_the_last_text_item_and_keeps_every_other_byte():
+    body = (
+        b'{"msg": {"client_id": 7489534892789345001, "item_list": [{"type": 1, "text_item": {"text": '
+        b'"first"}}, {"type": 1, "text_item": {"text": "\\u62a5\\u544a"}}, {"type": 2, "image_item": {}}]},'
+        b' "n": 1.0E2}'
+    )
+    out = append_line(body, ("msg", "item_list"), "回复任意内容")
+    assert out is not None
+    doc = json.loads(out)
+    assert doc["msg"]["item_list"][1]["text_item"]["text"] == "报告\n回复任意内容"
+    assert doc["msg"]["item_list"][0]["text_item"]["text"] == "first"
+    # only the edited string changed: the big integer, 1.0E2 and the first item are as they were
+    assert out.startswith(b'{"msg": {"client_id": 7489534892789345001, "item_list": [{"type": 1, "text_item"')
+    assert out.endswith(b', {"type": 2, "image_item": {}}]}, "n": 1.0E2}')
+    no_text = b'{"msg": {"item_list": [{"type": 2, "image_item": {}}]}}'
+    assert append_line(no_text, ("msg", "item_list"), "x") is None
+    assert append_line(b'{"msg": {}}', ("msg", "item_list"), "x") is None
+    duplicated = b'{"msg": {"item_list": [{"text_item": {"text": "a", "text": "b"}}]}}'
+    assert append_line(duplicated, ("msg", "item_list"), "x") is None
+    assert append_line(b"\xef\xbb\xbf{}", ("msg", "item_list"), "x") is None

@@ -320,3 +320,52 @@ def test_real_filters_with_parentheses_and_negation_still_load():
         assert (
             parse(_ONE_RULE.format(filter=repr(expr), ret=-2, retries=1)).rules[0].match.filter_expr == expr
         )
+
+
+def test_budget_and_nudge_defaults_and_shapes():
+    ps = parse(BASE.format(extra="    peer_state:\n")).rules[0].peer_state
+    assert ps is not None and ps.budget == rules.Budget("auto", 3600.0) and ps.nudge is None
+    text = BASE.format(
+        extra="    peer_state:\n      budget: {per_inbound: 10, reprobe_s: 60}\n"
+        '      nudge: {text: "还剩一条消息: 回复任意内容即可", when_left: 2, after_s: 79200}\n'
+    )
+    rs = parse(text)
+    ps = rs.rules[0].peer_state
+    assert ps is not None and ps.budget == rules.Budget(10, 60.0)
+    assert ps.nudge == rules.Nudge("还剩一条消息: 回复任意内容即可", 2, 79200.0)
+    described = rules.describe(rs)
+    assert "at most 10 sends per inbound message" in described and "carries the nudge" in described
+    assert "回复" not in described  # the operator's text is not repeated
+    off = parse(BASE.format(extra="    peer_state:\n      budget: {per_inbound: off}\n"))
+    assert off.rules[0].peer_state.budget.on is False  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "expected"),
+    [
+        (
+            "budget: {per_inbound: some}",
+            "peer_state.budget.per_inbound",
+            "expected auto, off or a whole number",
+        ),
+        ("budget: {per_inbound: 0}", "peer_state.budget.per_inbound", "from 1 to 1000"),
+        ("budget: {per_inbound: true}", "peer_state.budget.per_inbound", "expected auto, off or a whole"),
+        ("budget: {per_inbound: auto, reprobe_s: 0}", "peer_state.budget.reprobe_s", "more than 0"),
+        ("budget: {limit: 3}", "peer_state.budget", "unknown key 'limit'"),
+        ("budget: 10", "peer_state.budget", "expected a mapping"),
+        ("nudge: {when_left: 1}", "peer_state.nudge", "missing required key 'text'"),
+        ("nudge: {text: ''}", "peer_state.nudge.text", "expected a non-empty string"),
+        ("nudge: {text: hi, when_left: -1}", "peer_state.nudge.when_left", "from 0 to 1000"),
+        ("nudge: {text: hi, after_s: 0}", "peer_state.nudge.after_s", "more than 0"),
+        (f"nudge: {{text: {'x' * 501}}}", "peer_state.nudge.text", "at most 500 characters"),
+        ("budget: {per_inbound: auto}", "", "-"),
+    ],
+)
+def test_budget_and_nudge_errors_name_line_and_fix(extra: str, where: str, expected: str):
+    text = BASE.format(extra=f"    peer_state:\n      {extra}\n")
+    if expected == "-":  # the valid baseline: proves the cases above fail only for their line
+        parse(text)
+        return
+    msg = error_of(text)
+    assert msg.startswith("test.yaml:12:"), msg
+    assert where in msg and expected in msg

@@ -3,6 +3,7 @@ records, bounds, locking and bad files."""
 
 from __future__ import annotations
 
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -132,4 +133,44 @@ def test_memory_store_needs_no_file():
     s = StateStore(MEMORY)
     s.saw_inbound("b", "p", None, 1.0)
     assert s.peer("b", "p") is not None
+    s.close()
+
+
+def test_send_budgets_count_per_window_and_the_learnt_limit_per_bot(store: StateStore):
+    store.saw_inbound("b", "p", store.keyed_hash("t1"), 10.0)
+    store.count_send("b", "p", None, False, 11.0)
+    store.count_send("b", "p", 2, True, 12.0)
+    p = store.peer("b", "p")
+    assert p is not None and (p.sent, p.budget_limit, p.nudged_at, p.refused_at) == (2, 2, 12.0, None)
+    assert store.budget_spent_peers() == 1  # as many sends as the limit known at the last count
+    store.spend_budget("b", "p", 13.0)
+    store.learn_budget("b", 2, 13.0)
+    store.count_limited("b", 13.0, 600)  # the cooldown counter leaves the budget alone
+    assert store.bot_budget("b") == (2, 13.0) and store.bot_budget("other") is None
+    assert store.peer("b", "p").refused_at == 13.0  # type: ignore[union-attr]
+    store.saw_inbound("b", "p", None, 20.0)  # the peer wrote: a new window
+    p = store.peer("b", "p")
+    assert p is not None and (p.sent, p.refused_at, p.nudged_at) == (0, None, None)
+    assert store.budget_spent_peers() == 0 and store.bot_budget("b") == (2, 13.0)
+
+
+def test_a_state_file_from_before_budgets_opens_and_gains_them(tmp_path: Path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE peers (bot TEXT NOT NULL, peer TEXT NOT NULL, newest_token TEXT,
+             newest_seen REAL, inbound_at REAL, closed_until REAL, closed_status INTEGER,
+             closed_body BLOB, updated REAL NOT NULL, PRIMARY KEY (bot, peer));
+           CREATE TABLE bots (bot TEXT PRIMARY KEY, limited_at TEXT NOT NULL DEFAULT '[]',
+             cooldown_until REAL, cooldown_status INTEGER, cooldown_body BLOB, updated REAL NOT NULL);
+           INSERT INTO peers (bot, peer, inbound_at, updated) VALUES ('b', 'p', 5.0, 5.0);
+           INSERT INTO bots (bot, updated) VALUES ('b', 5.0);"""
+    )
+    db.close()
+    s = StateStore(str(path))
+    p = s.peer("b", "p")
+    assert p is not None and p.sent == 0 and p.inbound_at == 5.0
+    s.count_send("b", "p", None, False, 6.0)
+    s.learn_budget("b", 10, 6.0)
+    assert s.peer("b", "p").sent == 1 and s.bot_budget("b") == (10, 6.0)  # type: ignore[union-attr]
     s.close()

@@ -6,6 +6,7 @@ plain words. (test_e2e_status.py serves it from the real proxy to a real browser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import re
 import types
@@ -181,6 +182,32 @@ def test_an_operator_reads_who_can_be_reached_and_what_happens():
     assert "--defer" in answering
 
 
+def test_a_spent_budget_decides_what_happens_to_a_message_sent_now():
+    rows = (
+        peer(peer="#spent00000", budget_left=0),
+        peer(peer="#recheck000", budget_left=0, budget_probe=True),
+        peer(peer="#left100000", budget_left=1),
+    )
+
+    def lines(on_closed: str) -> dict[str, str]:
+        text = text_of(render(snapshot(peers=rows, on_closed=on_closed, budget_known=True)))
+        return {line.split()[0]: line for line in text.splitlines() if line.strip().startswith("#")}
+
+    held = lines("answer-locally")
+    assert "no: send budget used up" in held["#spent00000"]
+    assert "Not sent (iLink would refuse it)" in held["#spent00000"]
+    assert "tries iLink again" not in held["#spent00000"]  # only the person writing reopens it
+    assert (
+        "once: budget re-check" in held["#recheck000"]
+        and "Sent to WeChat as one re-check" in (held["#recheck000"])
+    )
+    assert "\tyes\t" not in held["#left100000"] and "Sent to WeChat now." in held["#left100000"]
+    deferring = lines("defer")
+    assert "Held in the outbox and delivered as soon as they write" in deferring["#spent00000"]
+    passing = lines("pass-through")  # sends beyond the budget are only counted: they still go
+    assert "Sent to WeChat now." in passing["#spent00000"] and " 0 " in passing["#spent00000"]
+
+
 def test_unhealthy_and_store_failures_are_said_first():
     page = text_of(
         render(
@@ -252,7 +279,8 @@ def test_collect_reads_peers_windows_and_the_outbox_from_the_store():
     opened, closed = rows[token_hash("wxid_open")], rows[token_hash("wxid_closed")]
     assert (opened.closed_left_s, opened.inbound_age_s, opened.stale_tokens) == (None, 90.0, 1)
     assert (closed.closed_left_s, closed.inbound_age_s, closed.stale_tokens) == (600.0, 7200.0, 0)
-    assert opened.bot == "bothash-12" and opened.budget_left is None and not snap.budget_known
+    # the default rules count sends (budget auto): none learnt yet, so "unknown"
+    assert opened.bot == "bothash-12" and opened.budget_left is None and snap.budget_known
     assert (snap.outbox_depth, snap.peers_total) == (0, 2)
     assert "wxid_" not in snap.to_json()
 
@@ -262,6 +290,64 @@ def test_collect_reads_peers_windows_and_the_outbox_from_the_store():
     )
     assert broken.store_error == "the peer-state store cannot be read (ProgrammingError)"
     assert "cannot be read" in text_of(render(broken))
+
+
+def test_collect_reads_each_peers_sends_left_from_the_budget_fields():
+    store = StateStore(MEMORY, lock=False)
+    bot = "bothash-1234567"
+    tracker = types.SimpleNamespace(store=SqliteStore(store))
+    for peer_id in ("wxid_fresh", "wxid_counted", "wxid_refused", "wxid_full", "wxid_quiet"):
+        if peer_id != "wxid_quiet":  # quiet: a send to it was counted, but it never wrote
+            store.saw_inbound(bot, peer_id, None, NOW - 600)
+    for _ in range(3):
+        store.count_send(bot, "wxid_counted", 10, False, NOW - 60)
+    for _ in range(10):
+        store.count_send(bot, "wxid_full", 10, False, NOW - 60)
+    store.count_send(bot, "wxid_refused", 10, False, NOW - 60)
+    store.spend_budget(bot, "wxid_refused", NOW - 30)
+    store.count_send(bot, "wxid_quiet", None, False, NOW - 60)
+
+    def rows(ruleset: rules_mod.RuleSet) -> dict[str, PeerRow]:
+        snap = asyncio.run(
+            collect(tracker=tracker, rules=ruleset.rules, activity=Activity(), problems=(), ids=True, now=NOW)
+        )
+        return {p.peer: p for p in snap.peers}  # type: ignore[misc]
+
+    auto = rules_mod.load_default()
+    unknown = rows(auto)  # nothing learnt yet: only a refusal in this window is known (spent)
+    assert [unknown[p].budget_left for p in ("wxid_fresh", "wxid_counted", "wxid_refused")] == [None, None, 0]
+    store.learn_budget(bot, 10, NOW - 60)
+    learnt = rows(auto)
+    assert {p: r.budget_left for p, r in learnt.items()} == {
+        "wxid_fresh": 10,
+        "wxid_counted": 7,
+        "wxid_refused": 0,
+        "wxid_full": 0,
+        "wxid_quiet": None,
+    }
+    assert not any(r.budget_probe for r in learnt.values())
+    store.learn_budget(bot, 10, NOW - 7200)  # learnt longer than reprobe_s ago: the next send re-checks
+    stale = rows(auto)
+    assert stale["wxid_full"].budget_probe and not stale["wxid_refused"].budget_probe
+    given = with_budget(auto, rules_mod.Budget(4, 3600.0))  # a given limit wins over the learnt one
+    assert rows(given)["wxid_counted"].budget_left == 1 and rows(given)["wxid_fresh"].budget_left == 4
+    off = with_budget(auto, rules_mod.Budget("off", 3600.0))
+    snap = asyncio.run(
+        collect(tracker=tracker, rules=off.rules, activity=Activity(), problems=(), ids=True, now=NOW)
+    )
+    assert not snap.budget_known and all(p.budget_left is None for p in snap.peers)
+
+
+def with_budget(ruleset: rules_mod.RuleSet, budget: rules_mod.Budget) -> rules_mod.RuleSet:
+    return dataclasses.replace(
+        ruleset,
+        rules=tuple(
+            dataclasses.replace(r, peer_state=dataclasses.replace(r.peer_state, budget=budget))
+            if r.peer_state is not None
+            else r
+            for r in ruleset.rules
+        ),
+    )
 
 
 def test_collect_without_peer_state():

@@ -378,6 +378,8 @@ class IlinkFixProxy:
                 "handled": True,
                 "attempts": list(outcome.trace),
                 "delivery": outcome.delivery,
+                "budget": outcome.budget,
+                "nudged": outcome.nudged,
             }
         )
         if outcome.decision != "passed":

@@ -75,6 +75,8 @@ FACTS = (
     "handled",
     "attempts",
     "delivery",
+    "budget",
+    "nudged",
     "status",
     "upstream_ms",
     "added_ms",
@@ -83,7 +85,7 @@ FACTS = (
     "error",
 )
 # Decisions for which no upstream was contacted and peers.py logs nothing.
-_LOCAL_DECISIONS = frozenset({"answered-locally", "replayed"})
+_LOCAL_DECISIONS = frozenset({"answered-locally", "replayed", "budget-held"})
 
 
 # --------------------------------------------------------------------------- what happened
@@ -126,6 +128,10 @@ class Exchange:
     # What iLink's answer said about delivery (confirmed, unconfirmed, refused, failed); None:
     # not a send a rule selects, or no iLink answer was handed back (answered from memory)
     delivery: str | None = None
+    # The peer's send budget after this send (peers.budget_facts: used, limit, left,
+    # window_age_s, events); None: not counted
+    budget: dict[str, Any] | None = None
+    nudged: bool = False  # it carried the window keeper's text (never journaled in clear)
 
 
 def _first(doc: dict[str, Any] | None, paths: tuple[tuple[str, ...], ...]) -> Any:
@@ -215,6 +221,8 @@ def summarize(flow: http.HTTPFlow, now: float, bot_of: Any = None) -> Exchange:
         token_sent=token_sent,
         attempts=attempts,
         delivery=str(meta["delivery"]) if meta.get("delivery") else None,
+        budget=dict(meta["budget"]) if isinstance(meta.get("budget"), dict) else None,
+        nudged=bool(meta.get("nudged")),
         status=flow.response.status_code if flow.response is not None else None,
         upstream_ms=upstream_ms,
         total_ms=total_ms,
@@ -272,6 +280,8 @@ def journal_record(x: Exchange, flow: http.HTTPFlow, *, ids: bool, bodies: bool)
         "handled": x.handled,
         "attempts": [_clean_attempt(a) for a in x.attempts],
         "delivery": x.delivery,
+        "budget": x.budget,
+        "nudged": x.nudged,
         "status": x.status,
         "upstream_ms": x.upstream_ms,
         "added_ms": x.added_ms,

@@ -254,3 +254,66 @@ def set_value(body: bytes, path: Path, new_value: Any) -> bytes | None:
         json.dumps(path[-1], ensure_ascii=False) + ":" + _compact(new_value) + ("," if has_members else "")
     )
     return (text[: open_idx + 1] + member + text[open_idx + 1 :]).encode("utf-8")
+
+
+def _array_elements(text: str, open_idx: int) -> list[tuple[int, int]]:
+    """(start, end) of each element of the array whose ``[`` is at ``open_idx``."""
+    if text[open_idx] != "[":
+        raise _Malformed(f"expected '[' at {open_idx}")
+    spans: list[tuple[int, int]] = []
+    idx = _skip_ws(text, open_idx + 1)
+    if idx < len(text) and text[idx] == "]":
+        return spans
+    while True:
+        try:
+            _, end = _DECODER.raw_decode(text, idx)
+        except json.JSONDecodeError as exc:
+            raise _Malformed(str(exc)) from exc
+        spans.append((idx, end))
+        idx = _skip_ws(text, end)
+        if idx < len(text) and text[idx] == "]":
+            return spans
+        idx = _skip_ws(text, _expect(text, idx, ","))
+
+
+def _unique_member(text: str, open_idx: int, key: str, opener: str | None) -> _Member | None:
+    found = [m for m in _members(text, open_idx) if m.key == key]
+    if len(found) != 1 or (opener is not None and text[found[0].value_start] != opener):
+        return None
+    return found[0]
+
+
+def append_line(body: bytes, items: Path, line: str) -> bytes | None:
+    """``body`` with ``line`` appended, after a newline, to the text of the last text item of the
+    array at ``items`` (an element ``{"text_item": {"text": "..."}}``, the shape of
+    sendmessage's ``msg.item_list``); every other byte unchanged (big integers included).
+
+    ``None`` if there is no such text item, the body is not a UTF-8 JSON object, or a key on
+    the way is duplicated (which one a server reads is unknown: see _object_at)."""
+    if not items or (decoded := _decoded(body)) is None:
+        return None
+    text, doc = decoded
+    present, array = get_path(doc, items)
+    if not isinstance(doc, dict) or not present or not isinstance(array, list):
+        return None
+    last = None
+    for i, item in enumerate(array):
+        ti = item.get("text_item") if isinstance(item, dict) else None
+        if isinstance(ti, dict) and isinstance(ti.get("text"), str):
+            last = i
+    if last is None:
+        return None
+    try:
+        parent = _object_at(text, items[:-1])
+        if parent is None or (member := _unique_member(text, parent, items[-1], "[")) is None:
+            return None
+        start, _ = _array_elements(text, member.value_start)[last]
+        if text[start] != "{" or (ti_member := _unique_member(text, start, "text_item", "{")) is None:
+            return None
+        if (t := _unique_member(text, ti_member.value_start, "text", '"')) is None:
+            return None
+    except (_Malformed, ValueError, RecursionError, IndexError):
+        return None
+    old = array[last]["text_item"]["text"]
+    new = _compact(f"{old}\n{line}" if old else line)
+    return (text[: t.value_start] + new + text[t.value_end :]).encode("utf-8")

@@ -18,6 +18,12 @@ one, so embedding the addon cannot collide with other exporters). Every family i
 - ``state_rows{table}``, ``outbox_depth``, ``outbox_oldest_age_seconds``, ``outbox_total{outcome}``:
   the peer-state file and its deferred-delivery queue, read on scrape;
 - ``outbox_events_total{event}``: deferred deliveries (when that feature is on);
+- ``budget_events_total{event}``: the per-inbound send budget: ``learnt`` (iLink refused the
+  newest token after N accepted sends), ``exhausted`` (a send held or deferred because the budget
+  is spent), ``reprobed`` (one real send beyond a learnt budget), ``raised`` (iLink accepted a
+  send beyond it), ``confirmed`` (a re-probe refused at the same count);
+- ``nudges_total``: sends iLink accepted carrying the window keeper's text;
+- ``peers_budget_spent``: peers whose known budget is spent now, read on scrape;
 - ``store_up``: 1 while the peer-state store answers (0 when it fails, see health.py), with peer
   state on; ``outbox_max_age_seconds``: the rules' ``outbox.max_age_s``, with deferred delivery on;
 - ``healthy``: 1 while ``/healthz`` says ok, else 0; ``internal_errors_total{component}``: internal
@@ -79,6 +85,7 @@ _ERRMSG_CLASSES = (
     ("too frequent", "frequency_limit"),
     ("rate limit", "rate_limit"),
 )
+BUDGET_EVENTS = ("learnt", "exhausted", "reprobed", "raised", "confirmed")
 ADDED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
 _LOOP_TIMEOUT_S = 2.0
@@ -221,6 +228,12 @@ class _StateCollector(Collector):
                 )
                 max_age.add_metric([], counts["max_age_s"])
                 yield max_age
+        if "budget_spent" in counts:
+            spent = GaugeMetricFamily(
+                f"{PREFIX}_peers_budget_spent", "Peers whose known send budget is spent now"
+            )
+            spent.add_metric([], counts["budget_spent"])
+            yield spent
 
 
 _COMPONENT_LABELS = {STATE: "store", REPAIRS: "repairs"}
@@ -324,6 +337,14 @@ class Metrics:
         )
         self.outbox_events = Counter(
             f"{PREFIX}_outbox_events", "Deferred-delivery events by kind", ["event"], registry=r
+        )
+        self.budget_events = Counter(
+            f"{PREFIX}_budget_events", "Send budget events by kind", ["event"], registry=r
+        )
+        for event in BUDGET_EVENTS:
+            self.budget_events.labels(event)  # present (at 0) from the first scrape
+        self.nudges = Counter(
+            f"{PREFIX}_nudges", "Sends iLink accepted carrying the window keeper's text", registry=r
         )
         for outcome in ("delivered", "still_failing", "unconfirmed_empty_body"):
             self.repairs.labels(outcome)  # present (at 0) from the first scrape
@@ -527,7 +548,11 @@ class Metrics:
             store = tracker.store
             failing = self._engine_health is not None and self._engine_health.store_failing()
             try:
-                counts = {"rows": await store.counts(), "outbox": await store.outbox_stats(time.time())}
+                counts = {
+                    "rows": await store.counts(),
+                    "outbox": await store.outbox_stats(time.time()),
+                    "budget_spent": await store.budget_spent_peers(),
+                }
             except Exception:
                 return {"store_up": 0}
             ours = ctx.master.addons.get("ilinkfixproxy")
@@ -601,6 +626,10 @@ class Metrics:
             self.send_outcomes.labels(x.delivery).inc()
         ids = bool(getattr(ctx.options, "ilink_capture_ids", False))
         self.activity.record(x, time.time(), ids=ids, endpoint=endpoint)
+        for event in (x.budget or {}).get("events", ()):
+            self.budget_events.labels(event if event in BUDGET_EVENTS else "other").inc()
+        if x.nudged:
+            self.nudges.inc()
 
     def _watch_outbox(self) -> None:
         outbox = getattr(tracker_of(), "outbox", None)

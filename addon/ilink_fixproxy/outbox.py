@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
+from .core.model import BudgetView
 from .jsonedit import remove_member, set_value
 from .matching import AnswerSummary, answer_is_failure, carries, parse_json_object
 from .redact import token_hash
@@ -57,6 +58,10 @@ _NOT_STORED = frozenset(
 Event = dict[str, Any]
 
 
+async def _no_window(rule: Rule, bot: str, peer: str) -> BudgetView | None:
+    return None
+
+
 class Outbox:
     def __init__(
         self,
@@ -71,6 +76,9 @@ class Outbox:
         self.rule_named = rule_named
         self.clock = clock  # the wall clock; `explain` passes the capture's
         self.listeners: list[Callable[[Event], None]] = []
+        # The peer's send budget now (PeerTracker.window_budget): deliveries count against it
+        # and stop when it is spent. None: not counted.
+        self.window: Callable[[Rule, str, str], Awaitable[BudgetView | None]] = _no_window
         self._active: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[int]] = set()
 
@@ -174,9 +182,18 @@ class Outbox:
                 continue
             if i:
                 await asyncio.sleep(rule.peer_state.outbox.flush_gap_s)
+            try:
+                b = await self.window(rule, bot, peer)
+            except self.store.errors:
+                b = None  # (the claim below fails the same way, and says so)
+            if b is not None and b.left() == 0:
+                # The new window's budget is spent (deliveries count against it): the rest
+                # waits for the peer's next message.
+                log.info(f"outbox: send budget of peer {token_hash(peer)} spent; the rest waits")
+                break
             if not await self.store.claim(q.id, CLAIM_S):
                 continue  # another replica is delivering it (or just did)
-            ok = await self._deliver(rule, q, token, authorization)
+            ok = await self._deliver(rule, q, token, authorization, b)
             if not ok:
                 break  # the window closed again: the rest waits for the next inbound message
             delivered += 1
@@ -188,7 +205,9 @@ class Outbox:
             )
         return delivered
 
-    async def _deliver(self, rule: Rule, q: Queued, token: str | None, authorization: str) -> bool:
+    async def _deliver(
+        self, rule: Rule, q: Queued, token: str | None, authorization: str, window: BudgetView | None = None
+    ) -> bool:
         ps = rule.peer_state
         assert ps is not None
         body = set_value(q.body, rule.action.remove, token) if token else q.body
@@ -223,6 +242,10 @@ class Outbox:
         if not failed and response is not None:
             await self.store.dequeue(q.id)  # (its claim stays until it expires: nobody re-takes it)
             await self.store.bump("delivered_late")
+            if window is not None:  # it counts against the peer's new window (shared with replicas)
+                await self.store.count_send(
+                    q.bot, q.peer, window.limit, False, self.clock(), window.inbound_at
+                )
             if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
                 now = self.clock()
                 headers = [

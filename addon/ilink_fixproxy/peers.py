@@ -16,13 +16,14 @@ mitmproxy's own forwarding; a failed re-issue leaves the answer already received
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,14 +31,17 @@ from mitmproxy import http
 
 from .core import policy
 from .core.model import (
+    BudgetView,
     CloseWindow,
     Cooling,
     CountRateLimit,
+    CountSend,
     Decision,
     Defer,
     Delivery,
     Effect,
     Go,
+    LearnBudget,
     LocalAnswer,
     MarkStale,
     MessageRecord,
@@ -45,6 +49,7 @@ from .core.model import (
     OpenWindow,
     SettleMessage,
     Snapshot,
+    SpendBudget,
     StartCooldown,
     StoredAnswer,
     Verdict,
@@ -57,7 +62,7 @@ from .outbox import Outbox
 from .ports import Store, Upstream
 from .redact import token_hash
 from .reissue import ReissueError
-from .rules import Rule
+from .rules import PeerState, Rule
 from .state import Message, Peer, SqliteStore, StateStore
 
 log = logging.getLogger("ilink_fixproxy")
@@ -79,6 +84,7 @@ UNSTORED_MAX = 100_000
 # holder renews it every third of that while its exchange runs, so a replica killed mid-exchange
 # holds the message up for at most that long.
 LEASE_MARGIN_S = 2.0
+BUDGET_WRITE_WAIT_S = 2.0  # a send waits at most this for the previous sends' budget writes
 _STORED_HEADER_SKIP = frozenset(
     {"content-length", "content-encoding", "transfer-encoding", "date", HEADER.lower()}
 )
@@ -97,6 +103,9 @@ class Outcome:
     # What iLink's answer says about delivery (core Delivery); None: no answer from iLink was
     # handed back (answered from memory, or mitmproxy forwards it)
     delivery: str | None = None
+    # The peer's send budget after this send (see budget_facts); None: not counted
+    budget: dict[str, Any] | None = None
+    nudged: bool = False  # iLink accepted it carrying the window keeper's text
 
 
 # Outcome.record, the send's single-flight key and its done future (see PeerTracker.handle)
@@ -116,6 +125,7 @@ class _Send:
     token: str | None  # the token the gateway sent (None: none)
     deadline: float
     began: int = 0  # attempts begun: sent, or about to be (it may have reached iLink)
+    window: float | None = None  # the start of the peer's window it is sent in (counted sends)
     trace: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -177,6 +187,7 @@ class PeerTracker:
         self.reissuer = reissuer
         self.clock = clock  # None: time.time(), looked up at each call
         self.outbox = Outbox(self.store, reissuer, rule_named, clock=self._now)  # type: ignore[arg-type]
+        self.outbox.window = self.window_budget
         # (bot, client_id) -> (what the store could not take, when): see _apply
         self._unstored: OrderedDict[tuple[str, str], tuple[MessageRecord, float]] = OrderedDict()
         self._storing = True  # False from a failed write to the next successful one (logged once)
@@ -194,6 +205,8 @@ class PeerTracker:
         # holds, and each held lease's renewal task.
         self._owner = uuid.uuid4().hex
         self._leases: dict[tuple[str, str], _Renewal] = {}
+        # (bot, peer) -> the budget writes of sends answered but not yet stored (see _budget_record)
+        self._budget_writes: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         self.health: Health | None = None  # told about store errors and successful writes
 
     async def aclose(self) -> None:
@@ -345,6 +358,8 @@ class PeerTracker:
         # have started an exchange meanwhile: wait for that one too.
         while key and (running := self._inflight.get(key)) is not None:
             await asyncio.shield(running)
+        if peer and (bot, peer) in self._budget_writes:
+            await self._budget_written(bot, peer)
         # Taken before the store is read (a shared store's reads suspend: a retry arriving
         # meanwhile must wait for this one), released once what it taught us is stored.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -365,14 +380,29 @@ class PeerTracker:
                 await self._store_call("wait_lease", self.store.wait_lease(*key, ttl))  # type: ignore[misc]
             gate = policy.gate(snap, rule, now)
             if isinstance(gate, LocalAnswer):
+                held = gate.decision is Decision.BUDGET_HELD  # (logged by capture, as local answers are)
                 return Outcome(
-                    _local_response(gate.status, gate.body, gate.note, _list(gate.headers)), gate.decision
+                    _local_response(gate.status, gate.body, gate.note, _list(gate.headers)),
+                    gate.decision,
+                    budget=budget_facts(snap.budget, now, ("exhausted",)) if held else None,
                 )
             if isinstance(gate, Defer):
                 if peer:
-                    return await self._deferred(
-                        rule, bot, peer, client_id, flow.request, flow.server_conn.via, gate.refusal
+                    deferred = await self._deferred(
+                        rule,
+                        bot,
+                        peer,
+                        client_id,
+                        flow.request,
+                        flow.server_conn.via,
+                        gate.refusal,
+                        gate.reason,
                     )
+                    if gate.reason == "budget-spent":
+                        deferred = dataclasses.replace(
+                            deferred, budget=budget_facts(snap.budget, now, ("exhausted",))
+                        )
+                    return deferred
                 gate = Go(prior=snap.message.attempts if snap.message else 0)  # nobody to defer for
 
             send = _Send(
@@ -384,6 +414,7 @@ class PeerTracker:
                 client_id=client_id,
                 token=token,
                 deadline=flow.request.timestamp_start + rule.action.deadline_s,
+                window=snap.budget.inbound_at if snap.budget is not None else None,
             )
             # Run right here, in mitmproxy's hook task: mitmproxy never cancels a hook task when
             # the gateway hangs up (it only abandons its own upstream exchange; proxy/server.py in
@@ -393,7 +424,15 @@ class PeerTracker:
                 outcome = await self._exchange(
                     send,
                     policy.Exchange(
-                        rule, snap, gate.prior, token, flow.request.raw_content or b"", peer, send.deadline
+                        rule,
+                        snap,
+                        gate.prior,
+                        token,
+                        flow.request.raw_content or b"",
+                        peer,
+                        send.deadline,
+                        probe=gate.probe,
+                        nudge=gate.nudge,
                     ),
                 )
             except Exception as e:
@@ -432,6 +471,7 @@ class PeerTracker:
         ps = rule.peer_state
         assert ps is not None
         closable = ps.on_closed in ("answer-locally", "defer")
+        counted = ps.budget.on or ps.nudge is not None
         store = self.store
         since = now - ps.dedupe_s
         with_fresh = ps.substitute_fresh and token is not None and peer is not None
@@ -445,6 +485,7 @@ class PeerTracker:
                 now,
                 with_peer=closable,
                 with_fresh=with_fresh,
+                with_budget=counted,
                 lease=(self._owner, lease_ttl) if lease_ttl is not None else None,
             )
         except store.errors as e:
@@ -480,7 +521,45 @@ class PeerTracker:
             fresh=fresh,
             original_stale=r.token_stale,
             fresh_stale=fresh is not None and r.newest_stale,
+            budget=(
+                self._budget_view(ps, p, r.bot_budget, store.keyed_hash(token) if token else None)
+                if counted and p
+                else None
+            ),
         )
+
+    def _budget_view(
+        self, ps: PeerState, p: Peer, learnt: tuple[int, float] | None, token: str | None
+    ) -> BudgetView | None:
+        """The peer's window as the core sees it; None before the proxy saw the peer write (the
+        window's start, and so what was sent in it, is unknown: nothing is held or counted).
+        `learnt`: the bot's learnt budget (read with the peer, in the same snapshot)."""
+        if p.inbound_at is None:
+            return None
+        limit, learnt_at = ps.budget.given, None
+        if limit is None and ps.budget.on and learnt is not None:
+            limit, learnt_at = learnt
+        return BudgetView(
+            inbound_at=p.inbound_at,
+            used=p.sent,
+            limit=limit,
+            learnt_at=learnt_at,
+            refused=p.refused_at is not None,
+            nudged=p.nudged_at is not None,
+            newest=token is not None and token == p.newest_token,
+        )
+
+    async def window_budget(self, rule: Rule, bot: str, peer: str) -> BudgetView | None:
+        """The peer's window now (for the outbox: deferred deliveries count against it)."""
+        ps = rule.peer_state
+        if ps is None or not ps.budget.on:
+            return None
+        r = await self.store.snapshot(
+            bot, None, peer, None, 0.0, self._now(), with_peer=True, with_fresh=False, with_budget=True
+        )
+        if r.peer is None:
+            return None
+        return self._budget_view(ps, r.peer, r.bot_budget, None)
 
     def _message(self, bot: str, client_id: str, since: float, m: Message | None) -> MessageRecord | None:
         """The message as known here: what could not be stored (memory), else the store's `m`."""
@@ -494,6 +573,45 @@ class PeerTracker:
             state = MessageState.ACCEPTED if m.accepted else MessageState.TRANSIENT
         answer = StoredAnswer(m.status, tuple(m.headers), m.body or b"") if m.status is not None else None
         return MessageRecord(state, m.attempts, answer)
+
+    # ------------------------------------------------------------------ send budgets, in order
+
+    def _budget_record(
+        self, send: _Send, effects: tuple[Effect, ...], now: float
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        """_apply for a send that counts against the peer's budget, known to be pending until it
+        ran: its answer goes back first (write_back), and the gateway's next send to the peer may
+        arrive before it is stored; that send waits for it (_budget_written) so it reads the
+        count this one left, not the one before (a shared store's write takes round trips)."""
+        key = (send.bot, send.peer or "")
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._budget_writes.setdefault(key, set()).add(written)
+
+        async def record() -> None:
+            try:
+                await self._apply(send, effects, now)
+            finally:
+                self._budget_done(key, written)
+
+        return record
+
+    def _budget_done(self, key: tuple[str, str], written: asyncio.Future[None]) -> None:
+        if (waiting := self._budget_writes.get(key)) is not None:
+            waiting.discard(written)
+            if not waiting:
+                del self._budget_writes[key]
+        if not written.done():
+            written.set_result(None)
+
+    async def _budget_written(self, bot: str, peer: str) -> None:
+        """Until the budget writes of the peer's sends answered before this one are stored (at
+        most BUDGET_WRITE_WAIT_S: one whose write-back never comes is not waited for again)."""
+        pending = set(self._budget_writes.get((bot, peer), ()))
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=BUDGET_WRITE_WAIT_S)
+        for written in late:
+            self._budget_done((bot, peer), written)
 
     # ------------------------------------------------------------------ the store, and its faults
 
@@ -553,7 +671,9 @@ class PeerTracker:
         # The message's lease is let go with its record, after everything else the send taught
         # us is stored (a waiting replica then reads all of it): the settlement goes last.
         release = self._owner if key is not None and key in self._leases else None
-        ordered = sorted(effects, key=lambda e: isinstance(e, SettleMessage))
+        # Likewise a spent budget goes after the limit learnt with it: whoever sees the one (another
+        # replica's next send) sees the other.
+        ordered = sorted(effects, key=lambda e: (isinstance(e, SettleMessage), isinstance(e, SpendBudget)))
         try:
             async with store.batch(write=True):
                 for effect in ordered:
@@ -582,6 +702,14 @@ class PeerTracker:
                         )
                     elif isinstance(effect, StartCooldown):
                         await store.start_cooldown(send.bot, effect.until, effect.status, effect.body, now)
+                    elif isinstance(effect, CountSend) and send.peer:
+                        await store.count_send(
+                            send.bot, send.peer, effect.limit, effect.nudged, now, send.window
+                        )
+                    elif isinstance(effect, SpendBudget) and send.peer:
+                        await store.spend_budget(send.bot, send.peer, now, send.window)
+                    elif isinstance(effect, LearnBudget):
+                        await store.learn_budget(send.bot, effect.limit, now)
         except store.errors as e:
             self._store_failed(e, "apply")
             if settled is not None and send.client_id:
@@ -674,6 +802,24 @@ class PeerTracker:
                 f"with context_token {token_hash(send.token)}: {len(answers)} attempt(s) [{tokens}]: "
                 f"{summary_final}"
             )
+        nudged = any(isinstance(e, CountSend) and e.nudged for e in effects)
+        if nudged:
+            note = final.headers.get(HEADER)
+            final.headers[HEADER] = f"{note}; nudged" if note else f"passed; rule={rule.name}; nudged"
+            log.info(f"nudged: sendmessage to peer {token_hash(send.peer)} carried the window keeper's text")
+        learnt_events = tuple(e.event for e in effects if isinstance(e, LearnBudget))
+        events = (("reprobed",) if x.probe else ()) + learnt_events
+        if decision is Decision.BUDGET_SPENT:
+            learnt = next((e.limit for e in effects if isinstance(e, LearnBudget)), None)
+            log.info(
+                f"budget-spent: iLink refused a send to peer {token_hash(send.peer)} carrying its newest "
+                f"token after {x.snap.budget.used if x.snap.budget else 0} accepted since it last wrote"
+                + (f"; budget per inbound message {learnt} for this bot" if learnt is not None else "")
+                + "; further sends wait until it writes"
+            )
+        elif "raised" in events:
+            log.info(f"budget raised: iLink accepted a send to peer {token_hash(send.peer)} beyond it")
+        facts = budget_facts(x.snap.budget, now, events, effects)
         if c.delivery is Delivery.UNCONFIRMED:
             mark_unconfirmed(final, rule, c.replaced)
             log.info(
@@ -681,15 +827,28 @@ class PeerTracker:
                 f"{send.client_id or '-'}: iLink accepted it without a message_id; the gateway gets "
                 f"{'a failure' if c.replaced else 'the answer as it came'}"
             )
-        record = functools.partial(self._apply, send, effects, now)
+        if send.peer and any(isinstance(e, (CountSend, SpendBudget, LearnBudget)) for e in effects):
+            record = self._budget_record(send, effects, now)
+        else:
+            record = functools.partial(self._apply, send, effects, now)
         accepted = (
             c.final is not None
             and c.final.verdict is Verdict.SUCCESS
             and decision != Decision.REISSUE_FAILED
             and c.replaced is None
         )
-        outcome = Outcome(final, decision, accepted=accepted, trace=trace, record=record, delivery=c.delivery)
-        if decision is Decision.WINDOW_CLOSED and ps.on_closed == "defer" and send.peer:
+        outcome = Outcome(
+            final,
+            decision,
+            accepted=accepted,
+            trace=trace,
+            record=record,
+            delivery=c.delivery,
+            budget=facts,
+            nudged=nudged,
+        )
+        closed = decision in (Decision.WINDOW_CLOSED, Decision.BUDGET_SPENT)
+        if closed and ps.on_closed == "defer" and send.peer:
             try:
                 deferred = await self._deferred(
                     rule,
@@ -699,11 +858,17 @@ class PeerTracker:
                     send.request,
                     send.via,
                     (final.status_code, final_body),
+                    "budget-spent" if decision is Decision.BUDGET_SPENT else "window-closed",
                 )
             except self.store.errors:
                 return outcome  # nowhere to queue it: the refusal goes back as it came
             return Outcome(
-                deferred.response, deferred.decision, trace=trace, record=record, delivery=c.delivery
+                deferred.response,
+                deferred.decision,
+                trace=trace,
+                record=record,
+                delivery=c.delivery,
+                budget=facts,
             )
         return outcome
 
@@ -716,6 +881,7 @@ class PeerTracker:
         request: http.Request,
         via: Any,
         refusal: tuple[int, bytes] | None,
+        reason: str = "window-closed",
     ) -> Outcome:
         """Queue the send for delivery when the peer writes, and answer per defer_answer."""
         ps = rule.peer_state
@@ -740,9 +906,9 @@ class PeerTracker:
                 f"outbox: sendmessage to peer {token_hash(peer)} client_id {client_id or '-'} not queued: "
                 "its body cannot be stored without its context_token (not plain UTF-8 JSON)"
             )
-            note = f"answered-locally; reason=window-closed; rule={rule.name}; not-deferred=body-not-editable"
+            note = f"answered-locally; reason={reason}; rule={rule.name}; not-deferred=body-not-editable"
             return Outcome(_local_response(refusal[0], refusal[1], note), Decision.ANSWERED_LOCALLY)
-        note = f"deferred; rule={rule.name}; queued={queued}; reason=window-closed"
+        note = f"deferred; rule={rule.name}; queued={queued}; reason={reason}"
         if result == "queued":
             log.info(
                 f"deferred: sendmessage to peer {token_hash(peer)} client_id {client_id or '-'} queued "
@@ -751,6 +917,27 @@ class PeerTracker:
         if ps.defer_answer == "accepted" or not refusal[1]:
             return Outcome(_local_response(200, b'{"ret":0}', note), Decision.DEFERRED)
         return Outcome(_local_response(refusal[0], refusal[1], note), Decision.DEFERRED)
+
+
+def budget_facts(
+    b: BudgetView | None, now: float, events: tuple[str, ...] = (), effects: tuple[Effect, ...] = ()
+) -> dict[str, Any] | None:
+    """The peer's send budget after a send, as journaled (`budget`) and shown by explain: sends
+    iLink accepted in the window, the known limit, what is left, the window's age, and what
+    happened to the budget (learnt, raised, confirmed, reprobed, exhausted)."""
+    if b is None:
+        return None
+    used = b.used + sum(1 for e in effects if isinstance(e, CountSend))
+    limit = next((e.limit for e in effects if isinstance(e, LearnBudget)), b.limit)
+    spent = b.refused or any(isinstance(e, SpendBudget) for e in effects)
+    left = 0 if spent else (None if limit is None else max(limit - used, 0))
+    return {
+        "used": used,
+        "limit": limit,
+        "left": left,
+        "window_age_s": round(now - b.inbound_at, 1),
+        "events": list(events),
+    }
 
 
 async def drive(
@@ -863,10 +1050,33 @@ async def describe_state(store: Store, *, show_ids: bool) -> str:
             f"{_fresh_token_status(p, started, now, shared=store.shared)}; "
             f"{p.stale_tokens} stale token(s) remembered"
         )
+        if (budget := await _budget_status(store, p, now)) is not None:
+            lines.append(f"    {budget}")
     for bot, until, limited in await store.bots():
         cooling = f"cooling down for {until - now:.0f}s" if until and until > now else "not cooling down"
-        lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s)")
+        learnt = await store.bot_budget(bot)
+        budget = (
+            f"; send budget {learnt[0]} per inbound message (learnt {now - learnt[1]:.0f}s ago)"
+            if learnt
+            else ""
+        )
+        lines.append(f"  bot {bot[:10]}: {cooling}; {limited} recent rate-limit answer(s){budget}")
     return "\n".join(lines)
+
+
+async def _budget_status(store: Store, p: Peer, now: float) -> str | None:
+    """The peer's send budget in its window, when one is known (a given limit is known to the
+    proxy's rules only: the store shows the limit that applied at the window's last send)."""
+    if p.inbound_at is None:
+        return None
+    learnt = await store.bot_budget(p.bot) if p.budget_limit is None else None
+    limit = p.budget_limit if p.budget_limit is not None else (learnt[0] if learnt else None)
+    window = f"{p.sent} send(s) accepted since the peer last wrote {now - p.inbound_at:.0f}s ago"
+    if p.refused_at is not None:
+        return f"send budget SPENT (iLink refused the newest token {now - p.refused_at:.0f}s ago): {window}"
+    if limit is None:
+        return None
+    return f"send budget {max(limit - p.sent, 0)} of {limit} left: {window}"
 
 
 def _fresh_token_status(p: Peer, started: float | None, now: float, *, shared: bool = False) -> str:

@@ -114,6 +114,7 @@ class Action:
 
 
 UNCONFIRMED_CHOICES = ("report", "fail")
+NUDGE_MAX_CHARS = 500  # a line appended to a chat message, not a message of its own
 ON_CLOSED_CHOICES = ("answer-locally", "pass-through", "defer")
 DEFER_ANSWER_CHOICES = ("accepted", "error")
 
@@ -139,6 +140,38 @@ class Cooldown:
     for_s: float = 900.0
 
 
+BUDGET_CHOICES = ("auto", "off")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sends per inbound message (README "Send budget"): `per_inbound` is "auto" (learnt per bot
+    from iLink's first refusal of a send carrying the peer's newest token), "off", or a given
+    number; a learnt limit is re-probed with one real send `reprobe_s` after it was learnt."""
+
+    per_inbound: str | int = "auto"
+    reprobe_s: float = 3600.0
+
+    @property
+    def on(self) -> bool:
+        return self.per_inbound != "off"
+
+    @property
+    def given(self) -> int | None:
+        return self.per_inbound if isinstance(self.per_inbound, int) else None
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """The window keeper (README "Window keeper"): once per window, `text` is appended to the
+    first send that leaves `when_left` or fewer sends of a known budget (or, with `after_s`, the
+    first send once the window is that old)."""
+
+    text: str
+    when_left: int = 1
+    after_s: float | None = None
+
+
 @dataclass(frozen=True)
 class PeerState:
     """What the proxy remembers about peers for this rule (see README "Peer state")."""
@@ -154,6 +187,8 @@ class PeerState:
     cooldown: Cooldown = Cooldown()
     defer_answer: str = "accepted"
     outbox: Outbox = Outbox()
+    budget: Budget = Budget()
+    nudge: Nudge | None = None
 
 
 @dataclass(frozen=True)
@@ -437,6 +472,8 @@ class _Parser:
             "dedupe_s",
             "max_attempts",
             "cooldown",
+            "budget",
+            "nudge",
         )
         m = self._mapping(node, where, keys)
         d = PeerState()
@@ -474,7 +511,44 @@ class _Parser:
                 if "for_s" in c
                 else dc.for_s,
             )
+        if "budget" in m:
+            kw["budget"] = self._budget(m["budget"], f"{where}.budget")
+        if "nudge" in m:
+            kw["nudge"] = self._nudge(m["nudge"], f"{where}.nudge")
         return PeerState(**{**d.__dict__, **kw})
+
+    def _budget(self, node: yaml.Node, where: str) -> Budget:
+        m = self._mapping(node, where, ("per_inbound", "reprobe_s"))
+        d = Budget()
+        per_inbound: str | int = d.per_inbound
+        if "per_inbound" in m:
+            n = m["per_inbound"]
+            value = self._scalar(n, f"{where}.per_inbound") if isinstance(n, yaml.ScalarNode) else None
+            if value is False and str(n.value).lower() == "off":
+                value = "off"  # YAML 1.1 reads a bare `off` as false
+            if isinstance(value, int) and not isinstance(value, bool):
+                per_inbound = self._int(n, f"{where}.per_inbound", 1, 1000)
+            elif value not in BUDGET_CHOICES:
+                raise self._fail(
+                    n, f"{where}.per_inbound", "expected auto, off or a whole number from 1 to 1000"
+                )
+            else:
+                per_inbound = value
+        reprobe = d.reprobe_s
+        if "reprobe_s" in m:
+            reprobe = self._seconds(m["reprobe_s"], f"{where}.reprobe_s", 7 * 86400)
+        return Budget(per_inbound=per_inbound, reprobe_s=reprobe)
+
+    def _nudge(self, node: yaml.Node, where: str) -> Nudge:
+        m = self._mapping(node, where, ("text", "when_left", "after_s"), ("text",))
+        text = self._string(m["text"], f"{where}.text")
+        if len(text) > NUDGE_MAX_CHARS:
+            raise self._fail(m["text"], f"{where}.text", f"at most {NUDGE_MAX_CHARS} characters")
+        return Nudge(
+            text=text,
+            when_left=self._int(m["when_left"], f"{where}.when_left", 0, 1000) if "when_left" in m else 1,
+            after_s=self._seconds(m["after_s"], f"{where}.after_s", 7 * 86400) if "after_s" in m else None,
+        )
 
     def _hosts(self, node: yaml.Node) -> tuple[str, ...]:
         hosts = []
@@ -768,6 +842,26 @@ def _describe_peer_state(ps: PeerState, a: Action) -> list[str]:
         f"  at most {ps.max_attempts} upstream attempts per {cid}; a retry while it is on its way waits "
         f"for it; one iLink accepted is answered from memory for {ps.dedupe_s:g} s"
     )
+    b = ps.budget
+    held = "deferred" if ps.on_closed == "defer" else "answered locally"
+    if ps.on_closed == "pass-through":
+        held = "still sent (on_closed: pass-through)"
+    if b.per_inbound == "auto":
+        out.append(
+            "  sends per inbound message are counted; the budget is learnt from iLink's first refusal of "
+            f"the newest token, then further sends are {held} until the peer writes (re-probed after "
+            f"{b.reprobe_s:g} s)"
+        )
+    elif b.given is not None:
+        out.append(f"  at most {b.given} sends per inbound message, then sends are {held} until it writes")
+    else:
+        out.append("  sends per inbound message are not counted (budget: off)")
+    if ps.nudge is not None:
+        n = ps.nudge
+        when = f"leaves {n.when_left} or fewer sends of a known budget"
+        if n.after_s is not None:
+            when += f", or once the window is {n.after_s:g} s old"
+        out.append(f"  the first send of a window that {when} carries the nudge ({len(n.text)} characters)")
     return out
 
 

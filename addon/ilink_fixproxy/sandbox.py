@@ -581,9 +581,12 @@ class FakeILink:
     """A fake iLink server: a stale-token model plus per-path scripted answers.
 
     ``fresh_tokens``, ``stale_answer``, ``success_answer``, ``tokenless_delivers``,
-    ``longpoll_seconds`` and ``dropping_peers`` are plain attributes tests may change at any time;
-    ``reset()`` restores the constructor's values. Sends to a peer in ``dropping_peers`` are
-    answered ``{"ret":0}`` (no message_id) and never delivered, whatever their token.
+    ``longpoll_seconds``, ``dropping_peers`` and ``budget_peers`` are plain attributes tests may
+    change at any time; ``reset()`` restores the constructor's values. Sends to a peer in
+    ``dropping_peers`` are answered ``{"ret":0}`` (no message_id) and never delivered, whatever
+    their token. A peer in ``budget_peers`` (peer -> N) takes N delivered sends per inbound
+    message (``push_inbound`` from it): every further send, with any token or none, is refused
+    with ``stale_answer`` (``ret=-2``) until it writes again (ilink-protocol.md §8).
     """
 
     def __init__(
@@ -607,6 +610,8 @@ class FakeILink:
         self.longpoll_seconds = longpoll_seconds
         self.fresh_tokens: set[str] = set()
         self.dropping_peers: set[str] = set()
+        self.budget_peers: dict[str, int] = {}
+        self._budget_used: dict[str, int] = {}  # budget peer -> sends delivered since it wrote
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the same lock; waits for inbound/stop
@@ -691,6 +696,8 @@ class FakeILink:
             self._inbound.clear()
             self.fresh_tokens.clear()
             self.dropping_peers.clear()
+            self.budget_peers.clear()
+            self._budget_used.clear()
             (self.stale_answer, self.success_answer, self.tokenless_delivers, self.longpoll_seconds) = (
                 self._defaults
             )
@@ -724,8 +731,14 @@ class FakeILink:
                 }
             )
             self.fresh_tokens.add(token)
+            self._budget_used.pop(from_user_id, None)  # a new window: the budget is whole again
             self._cond.notify_all()
         return token
+
+    def budget_used(self, peer: str) -> int:
+        """Sends delivered to a budget peer since it last wrote."""
+        with self._lock:
+            return self._budget_used.get(peer, 0)
 
     @property
     def requests(self) -> list[Recorded]:
@@ -806,7 +819,15 @@ class FakeILink:
                 if msg.get("to_user_id") in self.dropping_peers:
                     record("dropped-silently")
                     return Answer(body=SILENT_DROP_ANSWER, headers=ok)
+                to_user = msg.get("to_user_id")
+                peer = to_user if isinstance(to_user, str) else ""
+                budget = self.budget_peers.get(peer)
+                if budget is not None and self._budget_used.get(peer, 0) >= budget:
+                    record("refused-budget")
+                    return Answer(body=self.stale_answer, headers=ok)
                 if self._deliver(msg, token, client_id, body):
+                    if budget is not None:
+                        self._budget_used[peer] = self._budget_used.get(peer, 0) + 1
                     record("delivered")
                     return Answer(body=self.success_answer, headers=ok)
                 record("refused-stale" if token is not None else "refused-tokenless")

@@ -96,6 +96,11 @@ class Peer:
     closed_status: int | None
     closed_body: bytes | None
     stale_tokens: int = 0
+    # The send budget of the peer's current window (since inbound_at; reset by saw_inbound):
+    sent: int = 0  # sends iLink accepted (count_send)
+    refused_at: float | None = None  # iLink refused a send with the newest token (spend_budget)
+    nudged_at: float | None = None  # the window keeper's nudge went (count_send nudged=True)
+    budget_limit: int | None = None  # the limit known at the last count_send (for the gauge)
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ class Reads:
     token_stale: bool  # the token hash asked about is a proven-stale one
     newest_stale: bool  # the peer's newest token (by its hash) is a proven-stale one
     leased: bool = True  # False: another process holds the message's lease (nothing was read)
+    bot_budget: tuple[int, float] | None = None  # the bot's learnt send budget (with_budget)
 
 
 class StateStore:
@@ -235,10 +241,20 @@ class StateStore:
         return None
 
     def _migrate(self) -> None:
-        """State files written before messages had a `state` (see core.model.MessageState)."""
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
-        if "state" not in columns:
-            self.db.execute("ALTER TABLE messages ADD COLUMN state TEXT")
+        """State files written before messages had a `state` (see core.model.MessageState), and
+        before send budgets (peers: the window's counters; bots: the learnt budget)."""
+        for table, column, kind in (
+            ("messages", "state", "TEXT"),
+            ("peers", "sent", "INTEGER NOT NULL DEFAULT 0"),
+            ("peers", "refused_at", "REAL"),
+            ("peers", "nudged_at", "REAL"),
+            ("peers", "budget_limit", "INTEGER"),
+            ("bots", "budget", "INTEGER"),
+            ("bots", "budget_at", "REAL"),
+        ):
+            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _take_lock(self, p: Path, shown: str) -> None:
         lock_path = p.with_name(p.name + ".lock")
@@ -325,18 +341,105 @@ class StateStore:
                  newest_seen = CASE WHEN excluded.newest_token IS NULL THEN newest_seen
                                     ELSE excluded.newest_seen END,
                  inbound_at = excluded.inbound_at, closed_until = NULL, closed_status = NULL,
-                 closed_body = NULL, updated = excluded.updated""",
+                 closed_body = NULL, sent = 0, refused_at = NULL, nudged_at = NULL,
+                 updated = excluded.updated""",
             (bot, peer, token_hash, now if token_hash else None, now, now),
         )
         self._wrote()
 
+    _PEER_COLUMNS = (
+        "p.bot, p.peer, p.newest_token, p.newest_seen, p.inbound_at, p.closed_until, p.closed_status, "
+        "p.closed_body, p.sent, p.refused_at, p.nudged_at, p.budget_limit"
+    )
+
+    @staticmethod
+    def _peer_row(r: tuple, stale: int = 0) -> Peer:
+        return Peer(
+            *r[:7],
+            bytes(r[7]) if r[7] is not None else None,
+            stale,
+            sent=r[8] or 0,
+            refused_at=r[9],
+            nudged_at=r[10],
+            budget_limit=r[11],
+        )
+
     def peer(self, bot: str, peer: str) -> Peer | None:
         row = self.db.execute(
-            """SELECT bot, peer, newest_token, newest_seen, inbound_at, closed_until, closed_status,
-                      closed_body FROM peers WHERE bot = ? AND peer = ?""",
-            (bot, peer),
+            f"SELECT {self._PEER_COLUMNS} FROM peers p WHERE p.bot = ? AND p.peer = ?", (bot, peer)
         ).fetchone()
-        return Peer(*row[:7], bytes(row[7]) if row[7] is not None else None) if row else None
+        return self._peer_row(row) if row else None
+
+    # ------------------------------------------------------------------ send budgets
+
+    def count_send(
+        self, bot: str, peer: str, limit: int | None, nudged: bool, now: float, window: float | None = None
+    ) -> None:
+        """iLink accepted one more send to `peer` in its current window: `sent` + 1; `limit` is
+        the budget known then (kept for budget_spent_peers); `nudged`: it carried the nudge.
+        `window`: the start (inbound_at) of the window it was sent in, read before the send: if
+        the peer wrote since, it belongs to a window gone and is not counted in the new one."""
+        if window is not None:
+            self.db.execute(
+                """UPDATE peers SET sent = sent + 1, budget_limit = ?,
+                     nudged_at = COALESCE(?, nudged_at), updated = ?
+                   WHERE bot = ? AND peer = ? AND inbound_at = ?""",
+                (limit, now if nudged else None, now, bot, peer, window),
+            )
+            self._wrote()
+            return
+        self.db.execute(
+            """INSERT INTO peers (bot, peer, sent, budget_limit, nudged_at, updated)
+               VALUES (?, ?, 1, ?, ?, ?)
+               ON CONFLICT (bot, peer) DO UPDATE SET sent = sent + 1,
+                 budget_limit = excluded.budget_limit,
+                 nudged_at = COALESCE(excluded.nudged_at, nudged_at), updated = excluded.updated""",
+            (bot, peer, limit, now if nudged else None, now),
+        )
+        self._wrote()
+
+    def spend_budget(self, bot: str, peer: str, now: float, window: float | None = None) -> None:
+        """iLink refused a send carrying the peer's newest token after accepted ones: its budget
+        is spent until it writes again (saw_inbound clears it). `window`: as for count_send."""
+        if window is not None:
+            self.db.execute(
+                "UPDATE peers SET refused_at = ?, updated = ? WHERE bot = ? AND peer = ? AND inbound_at = ?",
+                (now, now, bot, peer, window),
+            )
+            self._wrote()
+            return
+        self.db.execute(
+            """INSERT INTO peers (bot, peer, refused_at, updated) VALUES (?, ?, ?, ?)
+               ON CONFLICT (bot, peer) DO UPDATE SET refused_at = excluded.refused_at,
+                 updated = excluded.updated""",
+            (bot, peer, now, now),
+        )
+        self._wrote()
+
+    def learn_budget(self, bot: str, limit: int, now: float) -> None:
+        """The bot's budget per inbound message is `limit` (learnt, raised or confirmed at `now`)."""
+        self.db.execute(
+            """INSERT INTO bots (bot, budget, budget_at, updated) VALUES (?, ?, ?, ?)
+               ON CONFLICT (bot) DO UPDATE SET budget = excluded.budget,
+                 budget_at = excluded.budget_at, updated = excluded.updated""",
+            (bot, limit, now, now),
+        )
+        self._wrote()
+
+    def bot_budget(self, bot: str) -> tuple[int, float] | None:
+        """The bot's learnt budget per inbound message and when it was learnt (or last checked)."""
+        row = self.db.execute(
+            "SELECT budget, budget_at FROM bots WHERE bot = ? AND budget IS NOT NULL", (bot,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def budget_spent_peers(self) -> int:
+        """Peers whose known budget is spent now: refused in this window, or as many sends as
+        the limit known at their last count."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM peers WHERE refused_at IS NOT NULL "
+            "OR (budget_limit IS NOT NULL AND sent >= budget_limit)"
+        ).fetchone()[0]
 
     def close_window(self, bot: str, peer: str, until: float, status: int, body: bytes, now: float) -> None:
         self.db.execute(
@@ -358,12 +461,11 @@ class StateStore:
 
     def peers(self) -> list[Peer]:
         rows = self.db.execute(
-            """SELECT p.bot, p.peer, p.newest_token, p.newest_seen, p.inbound_at, p.closed_until,
-                      p.closed_status, p.closed_body,
+            f"""SELECT {self._PEER_COLUMNS},
                       (SELECT COUNT(*) FROM stale_tokens s WHERE s.bot = p.bot AND s.peer = p.peer)
                FROM peers p ORDER BY p.updated DESC"""
         ).fetchall()
-        return [Peer(*r[:7], bytes(r[7]) if r[7] is not None else None, r[8]) for r in rows]
+        return [self._peer_row(r[:12], r[12]) for r in rows]
 
     def forget_peer(self, peer_or_hash: str, hasher: callable | None = None) -> int:  # type: ignore[valid-type]
         """Forget everything about a peer (by id, or by the short hash `state` shows)."""
@@ -817,12 +919,13 @@ class SqliteStore:
         *,
         with_peer: bool,
         with_fresh: bool,
+        with_budget: bool = False,
         lease: tuple[str, float] | None = None,
     ) -> Reads:
         # (one process per file: its own single flight suffices, every lease is granted)
         db = self.db
         with db.batch(write=False):  # one transaction: see StateStore.batch
-            p = db.peer(bot, peer) if peer and (with_peer or with_fresh) else None
+            p = db.peer(bot, peer) if peer and (with_peer or with_fresh or with_budget) else None
             return Reads(
                 queued_id=db.queued_id(bot, client_id) if client_id and peer else None,
                 message=db.message(bot, client_id, since) if client_id else None,
@@ -835,6 +938,7 @@ class SqliteStore:
                     if with_fresh and p is not None and p.newest_token and (bot, peer) in self._fresh
                     else False
                 ),
+                bot_budget=db.bot_budget(bot) if with_budget else None,
             )
 
     async def cooldown(self, bot: str, now: float) -> Cooldown | None:
@@ -848,6 +952,12 @@ class SqliteStore:
 
     async def fresh(self, bot: str, peer: str) -> str | None:
         return self._fresh.get((bot, peer))
+
+    async def bot_budget(self, bot: str) -> tuple[int, float] | None:
+        return self.db.bot_budget(bot)
+
+    async def budget_spent_peers(self) -> int:
+        return self.db.budget_spent_peers()
 
     # writes
     async def begin_attempt(self, bot: str, client_id: str, now: float, since: float) -> None:
@@ -899,6 +1009,17 @@ class SqliteStore:
 
     async def saw_inbound(self, bot: str, peer: str, token_hash: str | None, now: float) -> None:
         self.db.saw_inbound(bot, peer, token_hash, now)
+
+    async def count_send(
+        self, bot: str, peer: str, limit: int | None, nudged: bool, now: float, window: float | None = None
+    ) -> None:
+        self.db.count_send(bot, peer, limit, nudged, now, window)
+
+    async def spend_budget(self, bot: str, peer: str, now: float, window: float | None = None) -> None:
+        self.db.spend_budget(bot, peer, now, window)
+
+    async def learn_budget(self, bot: str, limit: int, now: float) -> None:
+        self.db.learn_budget(bot, limit, now)
 
     async def remember_fresh(self, bot: str, peer: str, token: str) -> None:
         self._fresh[(bot, peer)] = token

@@ -23,6 +23,8 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .core.model import BudgetView
+from .core.policy import probe_due
 from .redact import token_hash
 
 RECENT_MAX = 50  # exchanges listed
@@ -60,6 +62,7 @@ class PeerRow:
     stale_tokens: int
     queued: int  # deferred sends waiting for this peer
     budget_left: int | None  # sends left before iLink refuses (None: unknown)
+    budget_probe: bool = False  # spent, but the next send re-checks a learnt budget at iLink
 
 
 @dataclass(frozen=True)
@@ -231,32 +234,42 @@ async def collect(
         "max_age_s": max(p.outbox.max_age_s for p in kept),
     }
     store = tracker.store
+    # The send budget as the engine sees it (PeerTracker._budget_view): the first rule that counts.
+    budgeted = next((p for p in kept if p.budget.on), None)
     try:
         peers = await store.peers()
         queued = Counter((q.bot, q.peer) for q in await store.outbox(limit=OUTBOX_SCAN))
         stats = await store.outbox_stats(now)
         bots = await store.bots()
+        learnt = (
+            {b: await store.bot_budget(b) for b in {p.bot for p in peers[:PEERS_SHOWN]}}
+            if budgeted is not None and budgeted.budget.given is None
+            else {}
+        )
     except Exception as e:  # the page must still answer (and say so) when the store does not
         return Snapshot(
             **base, **policy, store_error=f"the peer-state store cannot be read ({type(e).__name__})"
         )
-    rows = tuple(
-        PeerRow(
-            bot=short_bot(p.bot),
-            peer=shown_id(p.peer, ids),
-            inbound_age_s=max(now - p.inbound_at, 0.0) if p.inbound_at else None,
-            closed_left_s=(p.closed_until - now) if p.closed_until and p.closed_until > now else None,
-            stale_tokens=int(p.stale_tokens),
-            queued=queued.get((p.bot, p.peer), 0),
-            budget_left=_budget(p),
+    rows = []
+    for p in peers[:PEERS_SHOWN]:
+        left, probe = _budget(p, budgeted, learnt.get(p.bot), now)
+        rows.append(
+            PeerRow(
+                bot=short_bot(p.bot),
+                peer=shown_id(p.peer, ids),
+                inbound_age_s=max(now - p.inbound_at, 0.0) if p.inbound_at else None,
+                closed_left_s=(p.closed_until - now) if p.closed_until and p.closed_until > now else None,
+                stale_tokens=int(p.stale_tokens),
+                queued=queued.get((p.bot, p.peer), 0),
+                budget_left=left,
+                budget_probe=probe,
+            )
         )
-        for p in peers[:PEERS_SHOWN]
-    )
     return Snapshot(
         **base,
         **policy,
-        budget_known=any(hasattr(p, "budget_left") for p in peers[:1]),
-        peers=rows,
+        budget_known=budgeted is not None,
+        peers=tuple(rows),
         peers_total=len(peers),
         bots=tuple(
             BotRow(short_bot(b), (until - now) if until and until > now else None, int(limited))
@@ -270,7 +283,22 @@ async def collect(
     )
 
 
-def _budget(peer: Any) -> int | None:
-    """The sends left in the peer's window, once the store knows it (being added: issue 15)."""
-    left = getattr(peer, "budget_left", None)
-    return int(left) if isinstance(left, int) and not isinstance(left, bool) else None
+def _budget(peer: Any, ps: Any, learnt: tuple[int, float] | None, now: float) -> tuple[int | None, bool]:
+    """(sends left in the peer's window, whether the next send re-checks a learnt budget), as the
+    engine decides them (core.policy.gate): the limit given by the rule, else the one learnt for
+    the bot; 0 once iLink refused the newest token in this window. (None, False): not counted
+    (budget off, no inbound message seen yet, or no limit known)."""
+    if ps is None or peer.inbound_at is None:
+        return None, False
+    limit, learnt_at = ps.budget.given, None
+    if limit is None and learnt is not None:
+        limit, learnt_at = learnt
+    view = BudgetView(
+        inbound_at=peer.inbound_at,
+        used=peer.sent,
+        limit=limit,
+        learnt_at=learnt_at,
+        refused=peer.refused_at is not None,
+    )
+    left = view.left()
+    return left, left == 0 and probe_due(view, ps, now)

@@ -175,7 +175,17 @@ def _health(snap: Snapshot) -> str:
 
 def _fate(snap: Snapshot, p: PeerRow) -> tuple[str, str, str]:
     """(badge class, badge text, what happens to a message sent now) for one person."""
-    spent = p.budget_left is not None and p.budget_left <= 0
+    # A spent budget holds sends unless the rules pass them through (then they are only counted)
+    # or the next one re-checks a learnt budget at iLink.
+    spent = p.budget_left is not None and p.budget_left <= 0 and snap.on_closed != "pass-through"
+    if p.closed_left_s is None and spent and p.budget_probe:
+        return (
+            "b-warn",
+            "once: budget re-check",
+            "Sent to WeChat as one re-check of the send budget learnt for your bot (learnt a while "
+            "ago: iLink may allow more now). If iLink refuses it, the next messages are held as "
+            "for a used-up budget until they write to your bot.",
+        )
     if p.closed_left_s is None and not spent:
         if p.inbound_age_s is not None and p.inbound_age_s > WINDOW_AGING_S:
             return (
@@ -189,6 +199,11 @@ def _fate(snap: Snapshot, p: PeerRow) -> tuple[str, str, str]:
     if snap.on_closed == "defer":
         keep = f" (dropped if they do not write within {duration(snap.max_age_s)})" if snap.max_age_s else ""
         fate = f"Held in the outbox and delivered as soon as they write to your bot{keep}."
+    elif why == "send budget used up":
+        fate = (
+            "Not sent (iLink would refuse it): your bot is told at once that the send failed, "
+            "until they write to your bot again."
+        )
     else:
         fate = (
             "Not sent: your bot is told at once that the send failed (iLink's own refusal), "

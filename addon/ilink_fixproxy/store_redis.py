@@ -261,13 +261,27 @@ end
 local queued, message, bot, peer, token_stale, newest_stale = false, false, false, false, 0, 0
 if KEYS[1] ~= '' then queued = redis.call('GET', KEYS[1]) end
 if KEYS[2] ~= '' then message = redis.call('HMGET', KEYS[2], 'a', 'acc', 's', 'ans', 'u') end
-bot = redis.call('HMGET', KEYS[3], 'cu', 'cs', 'cb')
+bot = redis.call('HMGET', KEYS[3], 'cu', 'cs', 'cb', 'bg', 'ba')
 if KEYS[4] ~= '' then
-  peer = redis.call('HMGET', KEYS[4], 'nt', 'ns', 'ia', 'cu', 'cs', 'cb', 'ft')
+  peer = redis.call('HMGET', KEYS[4], 'nt', 'ns', 'ia', 'cu', 'cs', 'cb', 'ft', 'sn', 'rf', 'nd', 'bl')
   if peer[1] and peer[7] then newest_stale = redis.call('EXISTS', ARGV[1] .. peer[1]) end
 end
 if KEYS[5] ~= '' then token_stale = redis.call('EXISTS', KEYS[5]) end
 return {1, queued, message, bot, peer, token_stale, newest_stale}
+"""
+# KEYS[1] peer; ARGV window (its inbound_at as stored, '' for any), field, value, ttl_s, then
+# what else to set (name, value). `field` is 'sn' (counted: +1) or 'rf' (set to value). Nothing
+# when the peer wrote since the window the send was made in (a late write leaves the new one be).
+_BUDGET = """
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'ia') ~= ARGV[1] then return 0 end
+if ARGV[2] == 'sn' then redis.call('HINCRBY', KEYS[1], 'sn', 1)
+else redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
+for i = 5, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
 """
 # KEYS[1] flush requests
 _TAKE_FLUSH = """
@@ -310,6 +324,7 @@ class RedisStore:
                 ("claim", _CLAIM),
                 ("take_flush", _TAKE_FLUSH),
                 ("snapshot", _SNAPSHOT),
+                ("budget", _BUDGET),
             )
         }
 
@@ -402,10 +417,11 @@ class RedisStore:
         *,
         with_peer: bool,
         with_fresh: bool,
+        with_budget: bool = False,
         lease: tuple[str, float] | None = None,
     ) -> Reads:
         hc = self.keyed_hash(client_id) if client_id else ""
-        pk = self._peer_key(bot, peer) if peer and (with_peer or with_fresh) else ""
+        pk = self._peer_key(bot, peer) if peer and (with_peer or with_fresh or with_budget) else ""
         keys = [
             f"{PREFIX}qc:{bot}:{hc}" if hc and peer else "",
             f"{PREFIX}m:{bot}:{hc}" if hc else "",
@@ -423,11 +439,12 @@ class RedisStore:
         return Reads(
             queued_id=int(queued) if queued is not None else None,
             message=self._decode_message(keys[1], m, since) if m else None,
-            cooldown=self._decode_cooldown(keys[2], b, now),
-            peer=self._decode_peer(bot, peer or "", pk, p[:6]) if p else None,
+            cooldown=self._decode_cooldown(keys[2], b[:3], now),
+            peer=self._decode_peer(bot, peer or "", pk, [*p[:6], *p[7:]]) if p else None,
             fresh=fresh.decode("utf-8", "replace") if fresh is not None else None,
             token_stale=bool(token_stale),
             newest_stale=bool(newest_stale),
+            bot_budget=self._decode_budget(b[3:]) if with_budget else None,
         )
 
     @_op("message")
@@ -543,14 +560,19 @@ class RedisStore:
 
     # ------------------------------------------------------------------ peers
 
+    _PEER_FIELDS = ("nt", "ns", "ia", "cu", "cs", "cb", "sn", "rf", "nd", "bl")
+
     @_op("peer")
     async def peer(self, bot: str, peer: str) -> Peer | None:
         key = self._peer_key(bot, peer)
-        return self._decode_peer(bot, peer, key, await self._r.hmget(key, "nt", "ns", "ia", "cu", "cs", "cb"))
+        return self._decode_peer(bot, peer, key, await self._r.hmget(key, *self._PEER_FIELDS))
 
-    def _decode_peer(self, bot: str, peer: str, key: str, fields: list[bytes | None]) -> Peer | None:
-        nt, ns, ia, cu, cs, cb = fields
-        if nt is None and ia is None and cu is None:
+    def _decode_peer(
+        self, bot: str, peer: str, key: str, fields: list[bytes | None], stale: int | None = None
+    ) -> Peer | None:
+        """The peer's record; None if there is none (`stale` given: listed by `peers`, always)."""
+        nt, ns, ia, cu, cs, cb, sn, rf, nd, bl = fields
+        if stale is None and nt is None and ia is None and cu is None and sn is None and rf is None:
             return None
         return Peer(
             bot,
@@ -561,6 +583,11 @@ class RedisStore:
             float(cu) if cu else None,
             int(cs) if cs else None,
             self._open(cb, key + ":cb") if cb else None,
+            stale or 0,
+            sent=int(sn or 0),
+            refused_at=float(rf) if rf else None,
+            nudged_at=float(nd) if nd else None,
+            budget_limit=int(bl) if bl else None,
         )
 
     @_op("fresh")
@@ -581,9 +608,69 @@ class RedisStore:
             fields.update(nt=token_hash, ns=repr(now))
         async with self._r.pipeline(transaction=True) as p:
             p.hset(key, mapping=fields)
-            p.hdel(key, "cu", "cs", "cb")
+            # The window reopens, and a new send budget with it (the bot's learnt limit stays).
+            p.hdel(key, "cu", "cs", "cb", "sn", "rf", "nd")
             p.expire(key, PEER_TTL_S)
             await p.execute()
+
+    # ------------------------------------------------------------------ send budgets
+
+    @_op("count_send")
+    async def count_send(
+        self, bot: str, peer: str, limit: int | None, nudged: bool, now: float, window: float | None = None
+    ) -> None:
+        """One more send accepted in the peer's window: HINCRBY in one script, so sends through
+        every replica add up (none lost to a read-modify-write race), and only while the window
+        it was sent in is still the peer's (see ports.Store)."""
+        key = self._peer_key(bot, peer)
+        extra = ["u", repr(now), "pid", self._seal(peer.encode(), key + ":pid")]
+        extra += ["bl", str(limit) if limit is not None else ""]
+        if nudged:
+            extra += ["nd", repr(now)]
+        await self._budget_write(key, window, "sn", "1", extra)
+
+    @_op("spend_budget")
+    async def spend_budget(self, bot: str, peer: str, now: float, window: float | None = None) -> None:
+        key = self._peer_key(bot, peer)
+        extra = ["u", repr(now), "pid", self._seal(peer.encode(), key + ":pid")]
+        await self._budget_write(key, window, "rf", repr(now), extra)
+
+    async def _budget_write(
+        self, key: str, window: float | None, field: str, value: str, extra: list[Any]
+    ) -> None:
+        # (the window as saw_inbound stored it: repr of the same float, so equal strings)
+        args = [repr(window) if window is not None else "", field, value, PEER_TTL_S, *extra]
+        await self._scripts["budget"](keys=[key], args=args)
+
+    @_op("learn_budget")
+    async def learn_budget(self, bot: str, limit: int, now: float) -> None:
+        """The bot's budget per inbound message, for every replica (on the bot's hash, next to
+        its cooldown, which this leaves alone)."""
+        key = f"{PREFIX}b:{bot}"
+        async with self._r.pipeline(transaction=True) as p:
+            p.hset(key, mapping={"bg": limit, "ba": repr(now), "u": repr(now)})
+            p.expire(key, PEER_TTL_S)
+            await p.execute()
+
+    @_op("bot_budget")
+    async def bot_budget(self, bot: str) -> tuple[int, float] | None:
+        return self._decode_budget(await self._r.hmget(f"{PREFIX}b:{bot}", "bg", "ba"))
+
+    @staticmethod
+    def _decode_budget(fields: list[bytes | None]) -> tuple[int, float] | None:
+        bg, ba = fields
+        return (int(bg), float(ba or 0)) if bg else None
+
+    @_op("budget_spent_peers")
+    async def budget_spent_peers(self) -> int:
+        keys = await self._scan("p")
+        if not keys:
+            return 0
+        async with self._r.pipeline(transaction=False) as p:
+            for key in keys:
+                p.hmget(key, "sn", "rf", "bl")
+            rows = await p.execute()
+        return sum(1 for sn, rf, bl in rows if rf or (bl and int(sn or 0) >= int(bl)))
 
     @_op("remember_fresh")
     async def remember_fresh(self, bot: str, peer: str, token: str) -> None:
@@ -873,22 +960,10 @@ class RedisStore:
                 continue
             bot, hp = k.split(":")[2:4]
             stale = await self._r.get(f"{PREFIX}sc:{bot}:{hp}")
-            found.append(
-                (
-                    float(f.get(b"u", b"0")),
-                    Peer(
-                        bot,
-                        pid.decode("utf-8", "replace"),
-                        f[b"nt"].decode() if b"nt" in f else None,
-                        float(f[b"ns"]) if b"ns" in f else None,
-                        float(f[b"ia"]) if b"ia" in f else None,
-                        float(f[b"cu"]) if b"cu" in f else None,
-                        int(f[b"cs"]) if b"cs" in f else None,
-                        self._open(f.get(b"cb"), k + ":cb"),
-                        int(stale or 0),
-                    ),
-                )
-            )
+            fields = [f.get(name.encode()) for name in self._PEER_FIELDS]
+            peer = self._decode_peer(bot, pid.decode("utf-8", "replace"), k, fields, int(stale or 0))
+            assert peer is not None
+            found.append((float(f.get(b"u", b"0")), peer))
         return [p for _, p in sorted(found, key=lambda t: -t[0])]
 
     @_op("bots")

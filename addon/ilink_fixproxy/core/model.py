@@ -25,6 +25,10 @@ class Decision(StrEnum):
     FALLBACK = "fallback"  # handed back to mitmproxy's own forwarding: nothing reached iLink
     MATCHED = "matched"  # refused for a stale token, and the body cannot be sent without it
     STILL_FAILING = "still-failing"  # without peer_state: the re-issue was refused too
+    # iLink refused a send carrying the peer's newest token after sends it accepted in the same
+    # window: the peer's send budget is spent (learnt under `budget: auto`); no re-issue
+    BUDGET_SPENT = "budget-spent"
+    BUDGET_HELD = "budget-held"  # not sent: the peer's known budget is spent (answered locally)
 
 
 class MessageState(StrEnum):
@@ -90,6 +94,24 @@ class Cooling:
 
 
 @dataclass(frozen=True)
+class BudgetView:
+    """The peer's send budget in its current window (since its last inbound message)."""
+
+    inbound_at: float  # when the peer last wrote: the window's start
+    used: int  # sends iLink accepted since then (the proxy's deferred deliveries included)
+    limit: int | None  # the known limit (given, or learnt for the bot); None: not known yet
+    learnt_at: float | None = None  # when a learnt limit was learnt or last checked; None: given
+    refused: bool = False  # iLink refused a send carrying the newest token in this window
+    nudged: bool = False  # the window's nudge has gone
+    newest: bool = False  # the gateway's token is the peer's newest
+
+    def left(self) -> int | None:
+        if self.refused:
+            return 0
+        return None if self.limit is None else max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What the engine read before a send: everything the gate and the token choice look at."""
 
@@ -100,6 +122,7 @@ class Snapshot:
     fresh: str | None = None  # the newest token seen for the peer (memory only), if still newest
     original_stale: bool = False  # the gateway's token is remembered as stale
     fresh_stale: bool = False
+    budget: BudgetView | None = None  # None: not counted (budget off, or no inbound seen)
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,7 @@ class Defer:
     """Queue the send for delivery when the peer writes; `refusal` is what iLink last said."""
 
     refusal: tuple[int, bytes] | None
+    reason: str = "window-closed"  # or "budget-spent"
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,8 @@ class Go:
     """Send it upstream; `prior` attempts were already used by earlier tries of this message."""
 
     prior: int
+    probe: bool = False  # one real send beyond a learnt budget, to see whether it rose
+    nudge: str | None = None  # the window keeper's text, to append to the last text item
 
 
 Gate = LocalAnswer | Defer | Go
@@ -175,4 +201,38 @@ class StartCooldown:
     body: bytes
 
 
-Effect = BeginAttempt | SettleMessage | MarkStale | OpenWindow | CloseWindow | CountRateLimit | StartCooldown
+@dataclass(frozen=True)
+class CountSend:
+    """iLink accepted one more send in the peer's window; `limit` is the budget known then
+    (stored with the count, for the "spent" gauge), `nudged`: it carried the window's nudge."""
+
+    limit: int | None
+    nudged: bool = False
+
+
+@dataclass(frozen=True)
+class SpendBudget:
+    """iLink refused a send carrying the peer's newest token: its budget is spent until it writes."""
+
+
+@dataclass(frozen=True)
+class LearnBudget:
+    """The bot's budget per inbound message is `limit` (a refusal at that count, or a send beyond
+    the old limit accepted); `event`: learnt, raised or confirmed (a re-probe refused)."""
+
+    limit: int
+    event: str
+
+
+Effect = (
+    BeginAttempt
+    | SettleMessage
+    | MarkStale
+    | OpenWindow
+    | CloseWindow
+    | CountRateLimit
+    | StartCooldown
+    | CountSend
+    | SpendBudget
+    | LearnBudget
+)

@@ -12,19 +12,22 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..jsonedit import remove_member, replace_value
+from ..jsonedit import append_line, remove_member, replace_value
 from ..matching import AnswerSummary, answer_is_failure
 from ..rules import PeerState, Rule
 from .model import (
     BeginAttempt,
+    BudgetView,
     CloseWindow,
     CountRateLimit,
+    CountSend,
     Decision,
     Defer,
     Delivery,
     Effect,
     Gate,
     Go,
+    LearnBudget,
     LocalAnswer,
     MarkStale,
     MessageRecord,
@@ -32,6 +35,7 @@ from .model import (
     OpenWindow,
     SettleMessage,
     Snapshot,
+    SpendBudget,
     StartCooldown,
     StoredAnswer,
     Verdict,
@@ -46,6 +50,9 @@ JSON = (("Content-Type", "application/json"),)
 UNCONFIRMED_ERRMSG = (
     "ilink-fixproxy: iLink accepted the send without a message_id: not delivered (unconfirmed)"
 )
+# Where a sendmessage body keeps its items (ilink-protocol.md §1): the nudge goes into the last
+# text item's text.
+NUDGE_ITEMS = ("msg", "item_list")
 UNCONFIRMED_FAILURE = json.dumps({"ret": -1, "errmsg": UNCONFIRMED_ERRMSG}, separators=(",", ":")).encode()
 
 
@@ -93,6 +100,37 @@ def delivery_note(rule: Rule) -> str:
     return f"delivery=unconfirmed; handed={handed}"
 
 
+def budget_refusal(b: BudgetView) -> bytes:
+    """What the gateway gets for a send held because the peer's budget is spent: ret -2, what
+    iLink itself answers a send beyond the budget, so gateways treat it as the failure it is."""
+    count = f"{b.used} of {b.limit}" if b.limit is not None and not b.refused else f"{b.used}"
+    errmsg = (
+        f"ilink-fixproxy: the peer's send budget is spent ({count} sends since it last wrote); "
+        "not sent to iLink until the peer writes again"
+    )
+    return json.dumps({"ret": -2, "errmsg": errmsg}, separators=(",", ":")).encode()
+
+
+def probe_due(b: BudgetView, ps: PeerState, now: float) -> bool:
+    """A learnt limit reached (not refused by iLink in this window), learnt long enough ago:
+    one real send goes, so a budget that rose is found (see README "Send budget")."""
+    return b.learnt_at is not None and not b.refused and now - b.learnt_at >= ps.budget.reprobe_s
+
+
+def nudge_text(b: BudgetView | None, ps: PeerState, now: float) -> str | None:
+    """The window keeper's text if this send is the window's one to carry it (it may still not,
+    when the send has no text item: then the next send of the window is)."""
+    n = ps.nudge
+    if n is None or b is None or b.nudged:
+        return None
+    left = b.left()
+    if left is not None and ps.budget.on and left - 1 <= n.when_left:
+        return n.text
+    if n.after_s is not None and now - b.inbound_at >= n.after_s:
+        return n.text
+    return None
+
+
 def gate(snap: Snapshot, rule: Rule, now: float) -> Gate:
     """Answer from memory, defer, or go upstream (and with how many attempts already used)."""
     ps = _ps(rule)
@@ -137,7 +175,20 @@ def gate(snap: Snapshot, rule: Rule, now: float) -> Gate:
             f"until-inbound-or={w.closed_until - now:.0f}s"
         )
         return LocalAnswer(Decision.ANSWERED_LOCALLY, w.status, w.body or b"", note)
-    return Go(prior=m.attempts if m is not None else 0)
+    prior = m.attempts if m is not None else 0
+    b = snap.budget
+    if b is not None and ps.budget.on and ps.on_closed != "pass-through" and b.left() == 0:
+        if probe_due(b, ps, now):
+            return Go(prior=prior, probe=True)
+        body = budget_refusal(b)
+        if ps.on_closed == "defer":
+            return Defer((200, body), reason="budget-spent")
+        note = (
+            f"budget-held; rule={rule.name}; used={b.used}; limit={b.limit if b.limit is not None else '-'}; "
+            f"window-age={now - b.inbound_at:.0f}s"
+        )
+        return LocalAnswer(Decision.BUDGET_HELD, 200, body, note)
+    return Go(prior=prior, nudge=nudge_text(b, ps, now))
 
 
 def after_rate_limit(
@@ -231,6 +282,10 @@ class Exchange:
     reissue_transient: bool = False
     uneditable: bool = False  # the tokenless body could not be built: no re-issue
     errors: list[str] = field(default_factory=list)
+    probe: bool = False  # a send beyond a learnt budget (Go.probe)
+    nudge: str | None = None  # the window keeper's text to append (Go.nudge)
+    nudged: bool = False  # ... and it was: the body sent carries it
+    budget_spent: bool = False  # refused with the newest token after accepted sends: no re-issue
 
     @classmethod
     def forwarded(
@@ -257,6 +312,9 @@ class Exchange:
     def first(self) -> Step:
         ps = _ps(self.rule)
         path = self.rule.action.remove
+        if self.nudge and (nudged := append_line(self.original, NUDGE_ITEMS, self.nudge)) is not None:
+            # Every attempt of this send carries it (re-issues are built from `original`).
+            self.original, self.nudged = nudged, True
         if self.token is not None:
             fresh = self.snap.fresh if ps.substitute_fresh else None
             if (
@@ -325,6 +383,11 @@ class Exchange:
             return None
         if self.stateless:
             return self._next_tokenless(now)
+        if self._budget_refusal():
+            # A send without the token, or another one, would be refused as well and every
+            # refusal may lengthen iLink's penalty: the peer's budget is spent until it writes.
+            self.budget_spent = True
+            return None
         ps = _ps(self.rule)
         if self.prior + self.made >= ps.max_attempts:
             return None
@@ -346,6 +409,42 @@ class Exchange:
         if choice is None:
             return None
         return self._timed_step(choice[0], choice[1], now)
+
+    def _budget_refusal(self) -> bool:
+        """The last refusal is an exhausted budget: it carried the peer's newest token, after
+        sends iLink accepted in the same window (or as a re-probe beyond a learnt limit). Not a
+        stale token (the peer's newest is not stale), nor a bot-wide rate limit."""
+        b = self.snap.budget
+        if b is None or not _ps(self.rule).budget.on:
+            return False
+        t = self.tokens_sent[-1]
+        newest = t is not None and (t == self.snap.fresh or (t == self.token and b.newest))
+        return newest and (b.used >= 1 or self.probe)
+
+    def _budget_effects(self, accepted: bool) -> list[Effect]:
+        """What this send teaches about the peer's budget (nothing when it is not counted)."""
+        b = self.snap.budget
+        ps = _ps(self.rule)
+        if b is None:
+            return []
+        if not ps.budget.on:  # not counted; only the window's nudge is remembered
+            return [CountSend(None, True)] if accepted and self.nudged else []
+        learnt = ps.budget.given is None
+        if accepted:
+            effects: list[Effect] = []
+            limit = b.limit
+            if learnt and b.limit is not None and b.used + 1 > b.limit:
+                # iLink accepted a send beyond the learnt limit: the budget rose
+                limit = b.used + 1
+                effects.append(LearnBudget(limit, "raised"))
+            return [CountSend(limit, self.nudged), *effects]
+        if not self.budget_spent:
+            return []
+        effects = [SpendBudget()]
+        if learnt:
+            same = b.limit is not None and b.learnt_at is not None and b.used == b.limit
+            effects.append(LearnBudget(b.used, "confirmed" if same else "learnt"))
+        return effects
 
     def _next_tokenless(self, now: float) -> Step | None:
         """Without peer_state: the same body without the rule's field, again if refused again."""
@@ -400,9 +499,13 @@ class Exchange:
                 effects.append(MarkStale(self.token))
             if self.peer:
                 effects.append(OpenWindow())
+            effects.extend(self._budget_effects(accepted=True))
         elif final.verdict is Verdict.REFUSED:
             state = MessageState.REFUSED
-            if self.uneditable:
+            if self.budget_spent:
+                decision = Decision.BUDGET_SPENT
+                effects.extend(self._budget_effects(accepted=False))
+            elif self.uneditable:
                 decision = Decision.MATCHED
             elif self.token is not None and final.token is None and self.peer:
                 # Even the tokenless send was refused: the peer's window is closed until it writes.
