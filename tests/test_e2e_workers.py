@@ -81,6 +81,8 @@ def workers_proxy(fake: FakeILink, pki: TestPKI, tmp_path: Path, *extra: str) ->
         *extra,
     )
     try:
+        # (logged just after the line that says it is listening: it may still be on its way)
+        assert p.wait_output("metrics of all workers on"), p.output
         p.metrics = METRICS.search(p.output).group(1)  # type: ignore[attr-defined,union-attr]
         p.seen = seen  # type: ignore[attr-defined]
         seen.update(children(p.proc.pid))
@@ -353,6 +355,7 @@ def test_in_forward_mode_workers_refuse_the_parents_metrics_listener(tmp_path: P
     with start_proxy(*argv) as p:
         seen = children(p.proc.pid)
         try:
+            assert p.wait_output("metrics of all workers on"), p.output
             port = int(METRICS.search(p.output).group(1).rsplit(":", 1)[1])  # type: ignore[union-attr]
             for _ in range(6):  # new connections: whichever worker takes them
                 status, _, body = connect_through(p, f"127.0.0.1:{port}")
