@@ -101,11 +101,12 @@ def haproxy_check(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(tool), "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
 
 
-def test_the_haproxy_config_is_valid_and_checks_healthz_on_the_metrics_port(tmp_path: Path):
+def test_the_haproxy_config_is_valid_and_checks_livez_on_the_metrics_port(tmp_path: Path):
     p = haproxy_check(COMPOSE / "haproxy.cfg")
     assert p.returncode == 0 and "Configuration file is valid" in p.stdout + p.stderr, p.stdout + p.stderr
     text = (COMPOSE / "haproxy.cfg").read_text()
-    assert "option httpchk GET /healthz" in text and "check port 9464" in text
+    # /livez, not /healthz: Redis down makes every replica's /healthz 503 (test_e2e_scale.py)
+    assert "option httpchk GET /livez" in text and "check port 9464" in text
     assert not re.search(
         r"^\s*retry-on", text, re.M
     )  # only connection failures are retried (a send is never re-sent)
@@ -148,7 +149,7 @@ def test_the_kubernetes_manifests_match_the_api_schemas():
             k8s_validate(bad)
 
 
-def test_the_deployment_runs_two_replicas_probed_on_healthz_with_the_key_from_a_secret():
+def test_the_deployment_runs_two_replicas_probed_on_livez_with_the_key_from_a_secret():
     docs = k8s_docs()
     deployment = docs["deployment.yaml"][0]
     assert deployment["kind"] == "Deployment" and deployment["spec"]["replicas"] == 2
@@ -160,7 +161,7 @@ def test_the_deployment_runs_two_replicas_probed_on_healthz_with_the_key_from_a_
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"proxy": 8765, "metrics": 9464}
     for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+        assert container[probe]["httpGet"] == {"path": "/livez", "port": "metrics"}, probe
     secret = docs["secret.yaml"][0]
     (env,) = container["env"]
     ref = env["valueFrom"]["secretKeyRef"]

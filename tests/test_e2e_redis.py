@@ -138,11 +138,16 @@ def test_stale_memory_closed_window_and_fresh_token_learnt_at_one_replica_are_us
         gw_b = via(gw_a, b)
         # stale memory: proven at A, never sent again by B
         assert (
-            gw_a.send("proven-stale-at-a", text="first words")
+            gw_a.send("proven-stale-at-a", client_id="first", text="first words")
             .headers["x-ilink-fixproxy"]
             .startswith("repaired")
         )
         assert len(sends_to(fake, gw_a)) == 2
+        # What a send taught is stored just after its answer went out, its lease let go last: the
+        # gateway's retry at B waits for that, and from then on B sees all A learnt (without it,
+        # the next send could reach B first: a race, not a guarantee).
+        r = gw_b.send("proven-stale-at-a", client_id="first", text="first words")
+        assert r.headers["x-ilink-fixproxy"].startswith("replayed"), r.headers
         r = gw_b.send("proven-stale-at-a", text="second words")
         assert r.headers["x-ilink-fixproxy"].startswith("stripped"), r.headers
         assert len(sends_to(fake, gw_a)) == 3 and sends_to(fake, gw_a)[-1].context_token is None
@@ -158,9 +163,11 @@ def test_stale_memory_closed_window_and_fresh_token_learnt_at_one_replica_are_us
         gw2_a = Gateway(a)
         gw2_b = via(gw2_a, b)
         fake.tokenless_delivers = False
-        first = gw2_a.send("old-token", text="fourth words")
+        first = gw2_a.send("old-token", client_id="fourth", text="fourth words")
         assert first.headers["x-ilink-fixproxy"].startswith("window-closed")
         assert len(sends_to(fake, gw2_a)) == 2
+        r = gw2_b.send("old-token", client_id="fourth", text="fourth words")  # (as above)
+        assert r.headers["x-ilink-fixproxy"].startswith("answered-locally; reason=attempts-used"), r.headers
         r = gw2_b.send("old-token", text="fifth words")
         assert r.content == STALE_ANSWER
         assert r.headers["x-ilink-fixproxy"].startswith("answered-locally; reason=window-closed"), r.headers

@@ -81,8 +81,7 @@ def workers_proxy(fake: FakeILink, pki: TestPKI, tmp_path: Path, *extra: str) ->
         *extra,
     )
     try:
-        # (the parent's line naming the metrics URL follows the start line: it may still be in
-        # the pipe when start_proxy returns)
+        # (logged just after the line that says it is listening: it may still be on its way)
         assert p.wait_output("metrics of all workers on"), p.output
         p.metrics = METRICS.search(p.output).group(1)  # type: ignore[attr-defined,union-attr]
         p.seen = seen  # type: ignore[attr-defined]

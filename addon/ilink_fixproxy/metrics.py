@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import re
 import socket
@@ -364,6 +365,7 @@ class Metrics:
         self._beating: asyncio.Future[None] | None = None
         self._stall_s = DEFAULT_STALL_S
         self._engine_health: Any = None
+        self._probing: concurrent.futures.Future[None] | None = None  # see _probe_shared_store
         # What /status lists and charts (fed and read on the event loop)
         self.activity = status.Activity()
 
@@ -452,8 +454,8 @@ class Metrics:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             return self.app(environ, start_response)
-        if path == "/healthz":
-            code, text = self.health()
+        if path in ("/healthz", "/livez"):
+            code, text = self.health() if path == "/healthz" else self.liveness()
             start_response(code, [("Content-Type", "text/plain; charset=utf-8")])
             return [text.encode()]
         if path in ("/status", "/status/", "/status.json"):
@@ -464,7 +466,7 @@ class Metrics:
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), *_PAGE_HEADERS])
             return [status_page.render(snap).encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: try /status, /metrics or /healthz\n"]
+        return [b"not found: try /status, /metrics, /healthz or /livez\n"]
 
     def snapshot(self) -> status.Snapshot:
         """What /status shows, gathered on the event loop; when the loop does not answer, a page
@@ -485,7 +487,7 @@ class Metrics:
             )
 
         try:
-            return self.on_loop_await(gather)
+            snap = self.on_loop_await(gather)
         except Exception as e:
             why = (
                 "the proxy is stopping"
@@ -498,6 +500,28 @@ class Metrics:
                 problems=tuple(problems) or (f"status unavailable: {why}",),
                 version=__version__,
             )
+        if snap.store_error and not snap.problems:
+            # The health was read before the store failed the page's own reads: a store that
+            # cannot be read is not "healthy" (as /healthz says once the failure is counted).
+            later = tuple(self.problems() or ()) or ("peer-state store failing",)
+            snap = dataclasses.replace(snap, problems=later)
+        return snap
+
+    def liveness(self) -> tuple[str, str]:
+        """/livez: 200 "ok" while the proxy serves (its event loop runs), whatever the store or the
+        repairs do: what a load balancer or the kubelet should check. A failing store does not
+        stop sends (they go upstream as with no proxy), so it must not take every replica out of
+        a load balancer at once, as /healthz would while Redis is down. Never waits for the loop."""
+        beat = self._beat_at
+        if self._loop is None or beat is None:
+            return "503 Service Unavailable", "starting\n"
+        stalled = time.monotonic() - beat
+        if stalled > self._stall_s:
+            return (
+                "503 Service Unavailable",
+                f"unhealthy: event loop stuck: it has not run for {stalled:.1f} s\n",
+            )
+        return "200 OK", "ok\n"
 
     def health(self) -> tuple[str, str]:
         """200 "ok" while the proxy can do its job; else 503 and one line saying why: the event
@@ -519,9 +543,36 @@ class Metrics:
         stalled = time.monotonic() - beat
         if stalled > self._stall_s:
             problems.append(f"event loop stuck: it has not run for {stalled:.1f} s")
+        else:
+            self._probe_shared_store()
         if self._engine_health is not None:
             problems.extend(self._engine_health.problems())
         return problems
+
+    def _probe_shared_store(self) -> None:
+        """While the shared store counts as failing, ask it again, on the loop and without waiting
+        for the answer (health never waits): once it answers, it is no longer a problem. Traffic
+        tells the health so too, but an idle proxy, or one its load balancer took out for being
+        unhealthy, has none: it stayed unhealthy for the whole failure window (5 min) after Redis
+        was back. The next /healthz, scrape or /status sees the outcome."""
+        health, loop = self._engine_health, self._loop
+        if health is None or loop is None or loop.is_closed():
+            return
+        if self._probing is not None and not self._probing.done():
+            return
+        store = getattr(tracker_of(), "store", None)
+        if not getattr(store, "shared", False) or not health.store_failing():
+            return
+
+        async def probe() -> None:
+            try:
+                await store.counts()
+            except Exception:  # still down: the failure stays (and the store counts it)
+                return
+            if getattr(store, "up", True) is not False:
+                health.succeeded(STATE)
+
+        self._probing = asyncio.run_coroutine_threadsafe(probe(), loop)
 
     def on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the proxy's event loop and return its result (called from scrape threads:

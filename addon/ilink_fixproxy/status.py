@@ -17,6 +17,7 @@ shared ones; recent exchanges and the charts are what this replica handled (held
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections import Counter, deque
@@ -199,7 +200,11 @@ def _answer(attempt: dict[str, Any]) -> str:
 
 
 def replica_name() -> str:
-    return socket.gethostname()[:64]
+    # A worker of `--workers N` (workers.py sets the variable "INDEX:..."): its charts and recent
+    # requests are its own, so the page names the worker, not only the machine.
+    worker = os.environ.get("_ILINK_FIXPROXY_WORKER", "").split(":", 1)[0]
+    host = socket.gethostname()[:64]
+    return f"{host} worker {worker}" if worker.isdigit() else host
 
 
 async def collect(

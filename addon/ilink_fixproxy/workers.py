@@ -397,7 +397,8 @@ class Supervisor:
     def snapshot(self) -> list[tuple[int, int | None, int, bool, int]]:
         return [(w.index, w.pid, w.metrics_port, w.ready, w.restarts) for w in self.workers]
 
-    def health(self) -> tuple[str, str]:
+    def health(self, path: str = "/healthz") -> tuple[str, str]:
+        """/healthz (or /livez) of every worker: ok only when all say ok."""
         if self.stopping:
             return "503 Service Unavailable", "stopping\n"
         problems = []
@@ -405,12 +406,22 @@ class Supervisor:
             if not ready:
                 problems.append(f"worker {index}: starting")
                 continue
-            ok, text = _fetch(port, "/healthz")
+            ok, text = _fetch(port, path)
             if not ok:
                 problems.append(f"worker {index}: {text.strip() or 'unreachable'}")
         if problems:
             return "503 Service Unavailable", "unhealthy: " + "; ".join(problems) + "\n"
         return "200 OK", "ok\n"
+
+    def status_page(self, path: str) -> tuple[str, list[tuple[str, str]], bytes]:
+        """/status or /status.json of the first worker that answers, as it served it (its headers:
+        the page's Content-Security-Policy). With a shared store its peers, windows and outbox are
+        the shared ones; its charts and recent requests are that worker's, and the page names it."""
+        for _index, _pid, port, ready, _ in self.snapshot():
+            if ready and (got := _forward(port, path)) is not None:
+                return got
+        text = b"no worker answered: see /healthz\n"
+        return "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")], text
 
     def exposition(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
@@ -437,6 +448,21 @@ def _fetch(port: int, path: str) -> tuple[bool, str]:
         return False, e.read(4096).decode("utf-8", "replace")
     except (OSError, ValueError) as e:
         return False, f"unreachable ({getattr(e, 'reason', None) or e})"
+
+
+# What a forwarded answer must not carry over: the parent's own server sets these.
+_HOP_HEADERS = frozenset({"connection", "content-length", "date", "server", "transfer-encoding"})
+
+
+def _forward(port: int, path: str) -> tuple[str, list[tuple[str, str]], bytes] | None:
+    """A worker's 200 answer to `path` (status line, headers, body), or None."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}{path}", timeout=_FETCH_TIMEOUT_S) as answer:
+            headers = [(k, v) for k, v in answer.getheaders() if k.lower() not in _HOP_HEADERS]
+            return f"{answer.status} {answer.reason}", headers, answer.read()
+    except (OSError, ValueError):  # (HTTPError is an OSError: a worker not answering 200)
+        return None
 
 
 class _WorkersCollector:
@@ -483,7 +509,7 @@ class _WorkersCollector:
 
 
 def serve_metrics(sup: Supervisor, host: str, port: int) -> Any:
-    """The parent's /metrics and /healthz on the operator's --metrics address, in threads."""
+    """The parent's /metrics, /healthz and /status on the operator's --metrics address, in threads."""
     from wsgiref.simple_server import make_server
 
     from .metrics import _QuietHandler, _server_class
@@ -494,12 +520,16 @@ def serve_metrics(sup: Supervisor, host: str, port: int) -> Any:
             body = sup.exposition()
             start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
             return [body]
-        if path == "/healthz":
-            status, text = sup.health()
+        if path in ("/healthz", "/livez"):
+            status, text = sup.health(path)
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
             return [text.encode()]
+        if path in ("/status", "/status/", "/status.json"):
+            code, headers, body = sup.status_page(path)
+            start_response(code, headers)
+            return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: try /metrics or /healthz\n"]
+        return [b"not found: try /status, /metrics, /healthz or /livez\n"]
 
     server = make_server(host, port, app, _server_class(host, port), handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="ilink-metrics", daemon=True).start()
