@@ -1,6 +1,6 @@
 """Re-take docs/status.png: `ilink-fixproxy --defer --metrics` in front of the fake iLink, a few
 people in different situations (a repaired stale send, a token substituted, a send iLink accepts
-without a message id, a closed window with sends held in the outbox), then headless Chromium on
+without a message id, a closed window with sends held in the outbox, a send budget learnt and spent), then headless Chromium on
 the proxy's `/status` page.
 
     apt-get install -y chromium fonts-noto-color-emoji
@@ -49,6 +49,11 @@ def traffic(proxy_url: str, fake: FakeILink, client: httpx.Client) -> None:
     send("wxid_bob@im.wechat", "AARzJWAFAAAB-stale-2", "cron-0901")  # the gateway's retry: replayed
     fake.dropping_peers.add("wxid_dave@im.wechat")
     send("wxid_dave@im.wechat", "AARzJWAFAAAB-stale-3", "cron-0902")  # accepted without a message_id
+    fake.budget_peers["wxid_erin@im.wechat"] = 2  # two sends per message erin writes
+    token = fake.push_inbound("wxid_erin@im.wechat")
+    client.post(proxy_url + "/ilink/bot/getupdates", content=b'{"get_updates_buf":""}', headers=HEADERS)
+    for i in range(4):  # 2 delivered, the 3rd refused (the budget learnt), the 4th held
+        send("wxid_erin@im.wechat", token, f"note-{i}")
     fake.tokenless_delivers = False
     send("wxid_carol@im.wechat", "AARzJWAFAAAB-stale-4", "cron-0903")  # window closed: deferred
     send("wxid_carol@im.wechat", "AARzJWAFAAAB-stale-4", "cron-0904")  # held in the outbox
@@ -65,6 +70,7 @@ def main(out: str) -> int:
             "--state", str(work / "state.sqlite3"), "--defer", "--metrics", "127.0.0.1:0",
         )  # fmt: skip
         with ProxyProcess(argv) as proxy, httpx.Client(trust_env=False, timeout=30) as client:
+            proxy.wait_output("metrics on http")
             m = re.search(r"metrics on (http://\S+)/metrics", proxy.output)
             assert m, proxy.output
             traffic(proxy.url, fake, client)
