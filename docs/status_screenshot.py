@@ -1,7 +1,7 @@
 """Re-take docs/status.png: `ilink-fixproxy --defer --metrics` in front of the fake iLink, a few
 people in different situations (a repaired stale send, a token substituted, a send iLink accepts
-without a message id, a closed window with sends held in the outbox, a send budget learnt and spent), then headless Chromium on
-the proxy's `/status` page.
+without a message id, a closed window with sends held in the outbox, a send budget learnt and
+spent), then headless Chromium on the proxy's `/status` page.
 
     apt-get install -y chromium fonts-noto-color-emoji
     .venv/bin/python docs/status_screenshot.py docs/status.png
