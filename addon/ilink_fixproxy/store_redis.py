@@ -134,6 +134,8 @@ def _op(name: str) -> Callable[[Callable[..., Awaitable[_T]]], Callable[..., Awa
                 self._down_until = time.monotonic() + BACKOFF_S
                 self._last_error = e
                 self._failed(name, e)
+                if not isinstance(e, redis.exceptions.ResponseError):
+                    await self._forget_connections()
                 raise
             self._succeeded()
             return result
@@ -432,6 +434,20 @@ class RedisStore:
                 await conn.disconnect()
         with contextlib.suppress(STORE_ERRORS):
             await self._r.aclose()
+
+    async def _forget_connections(self) -> None:
+        """After a connection-level failure (Redis down, restarted, slow): every idle connection,
+        ours and the client pool's, is closed, so the calls after the outage start on new ones.
+        (The client pool's check before reuse is skipped in redis-py 8.1, whose
+        `maint_notifications_enabled()` answers "auto", a true value: after a restart of Redis a
+        housekeeping call failed on a connection Redis had closed, and the back-off that followed
+        made the next send decide without the store; test_redis_killed_and_restarted_mid_traffic.)"""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+        with contextlib.suppress(Exception):
+            await self._r.connection_pool.disconnect(inuse_connections=False)
 
     async def _eval(self, name: str, keys: list[Any], args: list[Any]) -> Any:
         """`EVALSHA` of one of our scripts, on a connection taken from our own idle list (made
