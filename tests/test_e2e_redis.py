@@ -214,6 +214,34 @@ def test_stale_memory_closed_window_and_fresh_token_learnt_at_one_replica_are_us
         assert key in bounded or int(redis_server.command("PTTL", key)) > 0, key  # type: ignore[arg-type]
 
 
+def test_a_new_message_answered_locally_does_not_use_an_attempt(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path, redis_server: RedisServer
+):
+    """The snapshot script stores a new message's first attempt with its lease (one round trip
+    less per send); when the gate sends nothing (here: the window is closed) that attempt is taken
+    back as the lease is let go, so once the peer writes, the same client_id still has both of
+    its max_attempts: the original refused, then the re-issue that delivers it."""
+    rules = shared_rules(tmp_path, substitute_fresh=False)  # so the retry needs its two attempts
+    with (
+        replica(fake, pki, tmp_path, "a", redis_server, rules) as a,
+        replica(fake, pki, tmp_path, "b", redis_server, rules) as b,
+    ):
+        gw_a = Gateway(a)
+        gw_b = via(gw_a, b)
+        fake.tokenless_delivers = False
+        assert gw_a.send("old-token").headers["x-ilink-fixproxy"].startswith("window-closed")
+        r = gw_b.send("old-token", client_id="cid-while-closed")
+        assert r.headers["x-ilink-fixproxy"].startswith("answered-locally; reason=window-closed"), r.headers
+        assert len(sends_to(fake, gw_a)) == 2
+
+        fake.push_inbound(gw_a.peer, "back again")  # the peer writes: the window opens
+        assert gw_a.poll().json()["msgs"]
+        fake.tokenless_delivers = True
+        r = gw_b.send("a-token-never-seen", client_id="cid-while-closed")
+        assert r.status_code == 200 and r.headers["x-ilink-fixproxy"].startswith("repaired"), r.headers
+        assert len(sends_to(fake, gw_a)) == 4 and sends_to(fake, gw_a)[-1].context_token is None
+
+
 def test_a_replica_killed_in_a_storm_of_alternating_retries_loses_nothing(
     fake: FakeILink, pki: TestPKI, tmp_path: Path, redis_server: RedisServer
 ):

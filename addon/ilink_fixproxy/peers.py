@@ -152,6 +152,9 @@ class _Renewal:
 
     def __init__(self, tracker: PeerTracker, key: tuple[str, str], ttl: float) -> None:
         self.tracker, self.key, self.ttl = tracker, key, ttl
+        # The snapshot stored the message's first attempt (Reads.begun) and it is not made yet:
+        # the first _begin_attempt uses it, else the release takes it back (see handle).
+        self.reserved = False
         self.loop = asyncio.get_running_loop()
         self.task: asyncio.Task[None] | None = None
         self.timer = self.loop.call_later(ttl / 3, self._due)
@@ -242,7 +245,8 @@ class PeerTracker:
             if (renewal := self._leases.pop(key, None)) is not None:
                 # After the record is stored: a replica waiting for this message reads it next.
                 renewal.cancel()
-                await self._store_call("release_lease", self.store.release_lease(*key, self._owner))
+                release = self.store.release_lease(*key, self._owner, unbegin=renewal.reserved)
+                await self._store_call("release_lease", release)
         if not done.done():
             done.set_result(None)
 
@@ -444,6 +448,12 @@ class PeerTracker:
                     _failed_response(rule, "internal error after sending"), Decision.UPSTREAM_FAILED
                 )
             return outcome
+        except Exception:
+            # Handed back: mitmproxy forwards it, and the first attempt the snapshot stored (if
+            # any) counts as that one (invariant 1), so it is not taken back.
+            if key and (renewal := self._leases.get(key)) is not None:
+                renewal.reserved = False
+            raise
         finally:
             if outcome is not None and outcome.record is not None:
                 self._unwritten[flow.id] = (outcome.record, key, done)
@@ -487,6 +497,7 @@ class PeerTracker:
                 with_fresh=with_fresh,
                 with_budget=counted,
                 lease=(self._owner, lease_ttl) if lease_ttl is not None else None,
+                begin_new=lease_ttl is not None,
             )
         except store.errors as e:
             self._store_failed(e, "snapshot")
@@ -508,6 +519,7 @@ class PeerTracker:
             key = (bot, client_id)
             if key not in self._leases:
                 self._leases[key] = _Renewal(self, key, lease_ttl)
+            self._leases[key].reserved = r.begun
         p = r.peer
         fresh = r.fresh
         if fresh is not None and (p is None or p.newest_token != store.keyed_hash(fresh)):
@@ -625,6 +637,13 @@ class PeerTracker:
         assert ps is not None
         now = self._now()
         record = MessageRecord(MessageState.IN_FLIGHT, x.prior + x.made)
+        renewal = self._leases.get((send.bot, send.client_id))
+        if renewal is not None and renewal.reserved:
+            # Stored with the snapshot (the same script that took the lease): this is that attempt.
+            renewal.reserved = False
+            if (send.bot, send.client_id) in self._unstored:
+                self._remember(send.bot, send.client_id, record, now)  # memory stays the newer
+            return
         try:
             await self.store.begin_attempt(send.bot, send.client_id, now, since=now - ps.dedupe_s)
         except self.store.errors as e:

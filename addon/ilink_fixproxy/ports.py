@@ -61,11 +61,16 @@ class Store(Protocol):
         with_fresh: bool,
         with_budget: bool = False,
         lease: tuple[str, float] | None = None,
+        begin_new: bool = False,
     ) -> Reads:
         """Everything one send reads. With `lease` (owner, TTL in seconds), the message's lease
         is taken (or extended, if the owner's) first; held by another owner: `leased` False and
         nothing read (see PeerTracker.handle). With `with_budget`, the peer's window counters
-        and the bot's learnt send budget are read too (the same round trip)."""
+        and the bot's learnt send budget are read too (the same round trip). With `begin_new`
+        and the lease, a store may also store the first attempt of a message it has no record of
+        (within `since`) and not queued, as begin_attempt would, and say so in `begun` (one
+        round trip less per send); the engine then sends it, or takes it back with
+        `release_lease(unbegin=True)`."""
         ...
 
     async def message(self, bot: str, client_id: str, since: float) -> Message | None: ...
@@ -127,7 +132,11 @@ class Store(Protocol):
 
     # single flight across processes (a process-local store grants every lease at once)
     async def take_lease(self, bot: str, client_id: str, owner: str, ttl_s: float) -> bool: ...
-    async def release_lease(self, bot: str, client_id: str, owner: str) -> None: ...
+    async def release_lease(self, bot: str, client_id: str, owner: str, *, unbegin: bool = False) -> None:
+        """Let go of the lease and publish the outcome; with `unbegin`, the first attempt the
+        snapshot stored (`begun`) was not made: taken back, if the lease is still the owner's."""
+        ...
+
     async def wait_lease(self, bot: str, client_id: str, timeout_s: float) -> None: ...
 
     # the outbox

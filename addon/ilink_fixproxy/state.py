@@ -154,6 +154,9 @@ class Reads:
     newest_stale: bool  # the peer's newest token (by its hash) is a proven-stale one
     leased: bool = True  # False: another process holds the message's lease (nothing was read)
     bot_budget: tuple[int, float] | None = None  # the bot's learnt send budget (with_budget)
+    # True: the message had no record and its first attempt is now stored as in flight (the
+    # snapshot's `begin_new`); the engine sends it, or takes it back with the lease
+    begun: bool = False
 
 
 class StateStore:
@@ -921,8 +924,10 @@ class SqliteStore:
         with_fresh: bool,
         with_budget: bool = False,
         lease: tuple[str, float] | None = None,
+        begin_new: bool = False,
     ) -> Reads:
-        # (one process per file: its own single flight suffices, every lease is granted)
+        # (one process per file: its own single flight suffices, every lease is granted; an
+        # attempt is stored by begin_attempt, a local commit: nothing to save by folding it in)
         db = self.db
         with db.batch(write=False):  # one transaction: see StateStore.batch
             p = db.peer(bot, peer) if peer and (with_peer or with_fresh or with_budget) else None
@@ -1031,7 +1036,7 @@ class SqliteStore:
     async def take_lease(self, bot: str, client_id: str, owner: str, ttl_s: float) -> bool:
         return True
 
-    async def release_lease(self, bot: str, client_id: str, owner: str) -> None:
+    async def release_lease(self, bot: str, client_id: str, owner: str, *, unbegin: bool = False) -> None:
         return None
 
     async def wait_lease(self, bot: str, client_id: str, timeout_s: float) -> None:

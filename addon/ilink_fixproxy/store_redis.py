@@ -61,6 +61,7 @@ OUTBOX_TTL_S = 30 * 86400  # a queued send's own bound (its rule's max_age_s exp
 FLUSH_TTL_S = 86400
 MESSAGE_MARGIN_S = 60.0  # a message record outlives its dedupe window by this much
 LIMITED_MAX = 1000  # rate-limit answers remembered per bot, as the SQLite store
+IDLE_MAX = 64  # connections kept open for the send's own calls (as many as sends at once)
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
@@ -133,6 +134,8 @@ def _op(name: str) -> Callable[[Callable[..., Awaitable[_T]]], Callable[..., Awa
                 self._down_until = time.monotonic() + BACKOFF_S
                 self._last_error = e
                 self._failed(name, e)
+                if not isinstance(e, redis.exceptions.ResponseError):
+                    await self._forget_connections()
                 raise
             self._succeeded()
             return result
@@ -192,9 +195,18 @@ if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
-# KEYS[1] lease, KEYS[2] its outcome channel; ARGV owner
+# KEYS[1] lease, KEYS[2] its outcome channel, KEYS[3] the message whose first attempt the
+# snapshot stored and nothing sent ('' for none); ARGV owner. That attempt is taken back only while
+# the lease is still ours (nobody else can have written the record since) and the record is still
+# the one the snapshot wrote.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if KEYS[3] ~= '' then
+    local m = redis.call('HMGET', KEYS[3], 'a', 's')
+    if m[1] == '1' and m[2] == 'in-flight' then redis.call('DEL', KEYS[3]) end
+  end
+  redis.call('DEL', KEYS[1])
+end
 redis.call('PUBLISH', KEYS[2], '1')
 """
 # KEYS[1] rate-limit zset; ARGV now, window_s, member, ttl_ms, max
@@ -249,8 +261,13 @@ if redis.call('SET', KEYS[1] .. ':claim', ARGV[1], 'NX', 'PX', ARGV[2]) then ret
 return 0
 """
 # KEYS: by-client_id outbox key, message, bot, peer, the token's stale key, the message's lease
-# ('' for each: not asked). ARGV: the stale-key prefix of this bot, the lease's owner and TTL.
+# ('' for each: not asked). ARGV: the stale-key prefix of this bot, the lease's owner and TTL,
+# then begin ('1' or ''), now, since, the message's TTL in ms.
 # One round trip for everything a send reads, and its lease taken first (no reads without it).
+# With begin, a message with no record (none, or older than since) and not queued gets its first
+# attempt stored as in flight, as _BEGIN would, under the lease just taken: the attempt a new
+# message nearly always makes next, counted before it is sent without a round trip of its own
+# (the engine takes it back with the lease, _RELEASE, if the gate sends nothing).
 _SNAPSHOT = """
 if KEYS[6] ~= '' then
   local v = redis.call('GET', KEYS[6])
@@ -267,7 +284,15 @@ if KEYS[4] ~= '' then
   if peer[1] and peer[7] then newest_stale = redis.call('EXISTS', ARGV[1] .. peer[1]) end
 end
 if KEYS[5] ~= '' then token_stale = redis.call('EXISTS', KEYS[5]) end
-return {1, queued, message, bot, peer, token_stale, newest_stale}
+local begun = 0
+if ARGV[4] ~= '' and KEYS[6] ~= '' and KEYS[2] ~= '' and not queued
+    and (not message[5] or tonumber(message[5]) < tonumber(ARGV[6])) then
+  redis.call('HDEL', KEYS[2], 'ans')
+  redis.call('HSET', KEYS[2], 'a', 1, 'acc', 0, 's', 'in-flight', 'u', ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  begun = 1
+end
+return {1, queued, message, bot, peer, token_stale, newest_stale, begun}
 """
 # KEYS[1] peer; ARGV window (its inbound_at as stored, '' for any), field, value, ttl_s, then
 # what else to set (name, value). `field` is 'sn' (counted: +1) or 'rf' (set to value). Nothing
@@ -327,6 +352,9 @@ class RedisStore:
                 ("budget", _BUDGET),
             )
         }
+        # The send's own calls (snapshot, begin, settle, lease) go through _eval: connections of
+        # their own, each used by one call at a time (see _eval).
+        self._idle: list[Any] = []
 
     @classmethod
     def from_url(cls, url: str, environ: Any = os.environ) -> RedisStore:
@@ -400,8 +428,59 @@ class RedisStore:
         return _NO_BATCH  # each call is atomic on its own (a script or MULTI where it must be)
 
     async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(STORE_ERRORS):
+                await conn.disconnect()
         with contextlib.suppress(STORE_ERRORS):
             await self._r.aclose()
+
+    async def _forget_connections(self) -> None:
+        """After a connection-level failure (Redis down, restarted, slow): every idle connection,
+        ours and the client pool's, is closed, so the calls after the outage start on new ones.
+        (The client pool's check before reuse is skipped in redis-py 8.1, whose
+        `maint_notifications_enabled()` answers "auto", a true value: after a restart of Redis a
+        housekeeping call failed on a connection Redis had closed, and the back-off that followed
+        made the next send decide without the store; test_redis_killed_and_restarted_mid_traffic.)"""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+        with contextlib.suppress(Exception):
+            await self._r.connection_pool.disconnect(inuse_connections=False)
+
+    async def _eval(self, name: str, keys: list[Any], args: list[Any]) -> Any:
+        """`EVALSHA` of one of our scripts, on a connection taken from our own idle list (made
+        by the client's pool, so with its URL, timeouts, TLS and password): one command, then
+        its answer, nothing else on that connection meanwhile. The same as calling the script
+        through the client, without the pool's lock, retry wrapper and per-call bookkeeping,
+        which cost about as much as the round trip itself (docs/performance.md)."""
+        script = self._scripts[name]
+        conn = self._idle.pop() if self._idle else self._r.connection_pool.make_connection()
+        try:
+            if conn.is_connected and await _dirty(conn):
+                # Closed by Redis while idle (a restart, a timeout) or holding stray data: as the
+                # client's pool does, a new connection (send_command connects).
+                await conn.disconnect()
+            await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await conn.read_response()
+        except redis.exceptions.NoScriptError:
+            # Redis restarted (its script cache is empty): the client loads it and runs it.
+            return await script(keys=keys, args=args)
+        except redis.exceptions.ResponseError:
+            raise  # an error reply: the connection is still in step
+        except BaseException:
+            # Not in step any more (redis-py disconnects on most of these already): reconnected
+            # on its next use.
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            if len(self._idle) < IDLE_MAX:
+                self._idle.append(conn)
+            else:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
 
     # ------------------------------------------------------------------ messages
 
@@ -419,6 +498,7 @@ class RedisStore:
         with_fresh: bool,
         with_budget: bool = False,
         lease: tuple[str, float] | None = None,
+        begin_new: bool = False,
     ) -> Reads:
         hc = self.keyed_hash(client_id) if client_id else ""
         pk = self._peer_key(bot, peer) if peer and (with_peer or with_fresh or with_budget) else ""
@@ -431,10 +511,19 @@ class RedisStore:
             self._lease_key(bot, client_id) if lease and client_id else "",
         ]
         owner, ttl_s = lease or ("", 0.0)
-        got = await self._scripts["snapshot"](keys=keys, args=[f"{PREFIX}s:{bot}:", owner, int(ttl_s * 1000)])
+        args = [
+            f"{PREFIX}s:{bot}:",
+            owner,
+            int(ttl_s * 1000),
+            "1" if begin_new else "",
+            repr(now),
+            repr(since),
+            self._ttl_ms(now, since),
+        ]
+        got = await self._eval("snapshot", keys, args)
         if not got[0]:
             return Reads(None, None, None, None, None, False, False, leased=False)
-        queued, m, b, p, token_stale, newest_stale = got[1:]
+        queued, m, b, p, token_stale, newest_stale, begun = got[1:]
         fresh = self._open(p[6], pk + ":ft") if p and with_fresh else None
         return Reads(
             queued_id=int(queued) if queued is not None else None,
@@ -445,6 +534,7 @@ class RedisStore:
             token_stale=bool(token_stale),
             newest_stale=bool(newest_stale),
             bot_budget=self._decode_budget(b[3:]) if with_budget else None,
+            begun=bool(begun),
         )
 
     @_op("message")
@@ -475,7 +565,7 @@ class RedisStore:
     @_op("begin_attempt")
     async def begin_attempt(self, bot: str, client_id: str, now: float, since: float) -> None:
         key = self._message_key(bot, client_id)
-        await self._scripts["begin"](keys=[key], args=[repr(now), repr(since), self._ttl_ms(now, since)])
+        await self._eval("begin", [key], [repr(now), repr(since), self._ttl_ms(now, since)])
 
     @_op("settle_message")
     async def settle_message(
@@ -501,7 +591,7 @@ class RedisStore:
             sealed,
             release or "",
         ]
-        await self._scripts["settle"](keys=[key, self._lease_key(bot, client_id)], args=args)
+        await self._eval("settle", [key, self._lease_key(bot, client_id)], args)
 
     @_op("record_attempts")
     async def record_attempts(
@@ -529,12 +619,13 @@ class RedisStore:
     @_op("take_lease")
     async def take_lease(self, bot: str, client_id: str, owner: str, ttl_s: float) -> bool:
         key = self._lease_key(bot, client_id)
-        return bool(await self._scripts["lease"](keys=[key], args=[owner, int(ttl_s * 1000)]))
+        return bool(await self._eval("lease", [key], [owner, int(ttl_s * 1000)]))
 
     @_op("release_lease")
-    async def release_lease(self, bot: str, client_id: str, owner: str) -> None:
+    async def release_lease(self, bot: str, client_id: str, owner: str, *, unbegin: bool = False) -> None:
         key = self._lease_key(bot, client_id)
-        await self._scripts["release"](keys=[key, key + ":done"], args=[owner])
+        message = self._message_key(bot, client_id) if unbegin else ""
+        await self._eval("release", [key, key + ":done", message], [owner])
 
     @_op("wait_lease")
     async def wait_lease(self, bot: str, client_id: str, timeout_s: float) -> None:
@@ -1000,6 +1091,13 @@ class RedisStore:
 
     async def running_proxy_started(self) -> float | None:
         return None  # replicas come and go: the fresh tokens are kept in Redis, not in a process
+
+
+async def _dirty(conn: Any) -> bool:
+    """The connection has data nobody asked for, or its peer closed it (no system call: what the
+    event loop already read). redis-py 8 calls it can_read; before, can_read_destructive."""
+    check = getattr(conn, "can_read", None) or conn.can_read_destructive
+    return bool(await check())
 
 
 def _derive(secret: bytes, info: bytes) -> bytes:
