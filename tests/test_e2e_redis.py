@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, SEND, Gateway, sends_to, upstream_args
+from conftest import ROOT, SEND, Gateway, argv_with_fault, sends_to, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
 from redis_helpers import STATE_KEY, RedisServer, redis_binary
@@ -419,3 +419,47 @@ def test_the_subcommands_say_in_one_line_when_redis_is_down(tmp_path: Path):
     assert p.returncode != 0 and len(lines) == 1 and "cannot read the peer-state store" in lines[0], p.stderr
     assert "hunter2pass" not in p.stdout + p.stderr and "Traceback" not in p.stderr
     assert os.environ.get("ILINK_FIXPROXY_STATE_KEY") != STATE_KEY  # (the test's key stays in its child)
+
+
+# The delivered send leaves the queue, then (before the fix) its record was written: a gateway
+# retry of that client_id arriving in between found neither and went to iLink a second time.
+# The fault widens that gap, in the real command, to a second after each dequeue.
+SLOW_DEQUEUE = """
+import asyncio
+from ilink_fixproxy import store_redis
+
+_dequeue = store_redis.RedisStore.dequeue
+
+async def dequeue(self, queued_id):
+    done = await _dequeue(self, queued_id)
+    await asyncio.sleep(1.0)
+    return done
+
+store_redis.RedisStore.dequeue = dequeue
+"""
+
+
+def test_a_retry_while_a_deferred_send_is_delivered_late_is_replayed_not_sent_again(
+    fake: FakeILink, pki: TestPKI, tmp_path: Path, redis_server: RedisServer
+):
+    rules = shared_rules(tmp_path, on_closed="defer")
+    argv = argv_with_fault(tmp_path, SLOW_DEQUEUE, "--listen", "127.0.0.1:0")
+    argv += [*upstream_args(fake, pki, tmp_path / "a"), "--rules", str(rules), "--state", redis_server.url]
+    with ProxyProcess(argv, env=clean_env({"ILINK_FIXPROXY_STATE_KEY": STATE_KEY})) as p:
+        assert p.wait_output("peer state in redis://"), p.output
+        gw = Gateway(p)
+        fake.tokenless_delivers = False
+        r = gw.send("stale-token", text="closes the window")  # refused twice: deferred
+        assert r.headers["x-ilink-fixproxy"].startswith("deferred"), r.headers
+        # Deferred without an attempt (the window is known closed): no record of it but the queue.
+        r = gw.send("stale-token", client_id="late-1", text="held")
+        assert r.headers["x-ilink-fixproxy"].startswith("deferred"), r.headers
+        fake.tokenless_delivers = True
+        fake.push_inbound(gw.peer, "back")
+        gw.poll()  # the peer wrote: the outbox delivers, then dequeues (slowly, by the fault)
+        assert wait_for(lambda: any(d.text == "held" for d in fake.deliveries)), fake.deliveries
+        time.sleep(0.3)  # inside the widened gap
+        retry = gw.send("stale-token", client_id="late-1", text="held")
+        assert retry.status_code == 200, retry.headers
+        time.sleep(1.2)
+    assert [d.text for d in fake.deliveries].count("held") == 1, fake.deliveries

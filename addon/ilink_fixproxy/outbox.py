@@ -240,12 +240,9 @@ class Outbox:
             "token": "fresh" if token else "none",
         }
         if not failed and response is not None:
-            await self.store.dequeue(q.id)  # (its claim stays until it expires: nobody re-takes it)
-            await self.store.bump("delivered_late")
-            if window is not None:  # it counts against the peer's new window (shared with replicas)
-                await self.store.count_send(
-                    q.bot, q.peer, window.limit, False, self.clock(), window.inbound_at
-                )
+            # The record first, then the queue entry goes: a gateway retry of this client_id
+            # in between (another replica, or this one while Redis answers) finds one of the
+            # two and is replayed or held; in the other order it found neither and was sent again.
             if q.client_id:  # a gateway retry of this client_id now gets iLink's answer replayed
                 now = self.clock()
                 headers = [
@@ -261,6 +258,12 @@ class Outbox:
                     content,
                     now,
                     since=now - ps.dedupe_s,
+                )
+            await self.store.dequeue(q.id)  # (its claim stays until it expires: nobody re-takes it)
+            await self.store.bump("delivered_late")
+            if window is not None:  # it counts against the peer's new window (shared with replicas)
+                await self.store.count_send(
+                    q.bot, q.peer, window.limit, False, self.clock(), window.inbound_at
                 )
             log.info(
                 f"delivered-late: deferred send to peer {token_hash(q.peer)} client_id {q.client_id or '-'} "
