@@ -6,6 +6,7 @@ Found by trying the command as a new user would (issue 12, item 3) and with host
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -130,10 +131,31 @@ def test_a_malformed_or_unknown_listen_host_is_one_line(listen: str, fragment: s
     assert_one_line(run("--listen", listen, "--confdir", str(tmp_path / "c")), fragment)
 
 
+def udp_port_with_its_tcp_port_free() -> socket.socket:
+    """A UDP socket bound to a port whose TCP twin is free, chosen BELOW the kernel's ephemeral
+    range: a port from the range (port 0) can at any moment become the local port of some
+    process's outgoing TCP connection, and then the proxy's TCP listen fails first (this test
+    failed so once in CI, with redis and proxies busy around it)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, low)
+        udp = socket.socket(type=socket.SOCK_DGRAM)
+        try:
+            udp.bind(("127.0.0.1", port))
+            with socket.socket() as tcp:
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind(("127.0.0.1", port))
+        except OSError:
+            udp.close()
+            continue
+        return udp
+    raise AssertionError(f"no free port pair below {low}")
+
+
 def test_the_udp_port_taken_is_one_line(tmp_path: Path):
     # Reverse mode to an https upstream also listens on UDP (HTTP/3) on the same port.
-    with socket.socket(type=socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
+    with udp_port_with_its_tcp_port_free() as s:
         port = s.getsockname()[1]
         p = run("--listen", f"127.0.0.1:{port}", "--confdir", str(tmp_path / "c"))
     assert_one_line(p, f"cannot listen on 127.0.0.1:{port} (UDP", "address already in use")
