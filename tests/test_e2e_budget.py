@@ -21,6 +21,7 @@ from conftest import ROOT, start_proxy, tls_context, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import SUCCESS_ANSWER, FakeILink, TestPKI
 from obs_helpers import SEND, Gateway, files_under, journal, leaks
+from test_e2e_faults import wait_for
 from test_metrics import scrape, value
 
 HEADER = "x-ilink-fixproxy"
@@ -52,15 +53,6 @@ def proxy_with(
         m = re.search(r"metrics on (http://\S+)/metrics", p.output)
         assert m, p.output
         yield p, m.group(1)
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def writes(fake: FakeILink, gw: Gateway) -> str:
@@ -176,7 +168,7 @@ def test_deferred_sends_are_flushed_after_the_next_inbound_message_within_its_bu
         assert len(sends_to(fake, gw)) == 3 and len(fake.deliveries) == 2
 
         token = writes(fake, gw)  # the new window: 2 of the 3 queued go, the budget is spent again
-        assert wait_for(lambda: p.output.count("outbox: delivered 2 deferred send(s)") == 1)
+        assert wait_for(lambda: p.output.count("outbox: delivered 2 deferred send(s)") == 1, 15.0)
         assert p.wait_output("the rest waits")
         assert len(fake.deliveries) == 4 and fake.budget_used(gw.peer) == 2
         # the gateway's next send counts against the same (spent) budget: queued, not sent
@@ -185,7 +177,7 @@ def test_deferred_sends_are_flushed_after_the_next_inbound_message_within_its_bu
         assert [s.answered for s in sends_to(fake, gw)[3:]] == ["delivered"] * 2
 
         writes(fake, gw)  # the rest (2 queued) goes in the next window
-        assert wait_for(lambda: p.output.count("outbox: delivered 2 deferred send(s)") == 2)
+        assert wait_for(lambda: p.output.count("outbox: delivered 2 deferred send(s)") == 2, 15.0)
         texts = [d.text for d in fake.deliveries]
         assert len(texts) == len(set(texts)) == 6  # each exactly once
         gw.close()

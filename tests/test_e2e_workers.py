@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from conftest import HEADERS, ROOT, SEND, UPDATES, core_rules, send_body, start_proxy, upstream_args
 from ilink_fixproxy.launcher import ProxyProcess, clean_env, ilink_fixproxy_argv
 from ilink_fixproxy.sandbox import Answer, FakeILink, TestPKI
+from test_e2e_faults import wait_for
 
 METRICS = re.compile(r"metrics of all workers on (http://\S+)/metrics")
 
@@ -54,15 +54,6 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @contextlib.contextmanager
@@ -168,7 +159,7 @@ def test_sigterm_lets_every_worker_finish_its_in_flight_repairs(
                 fake.script(SEND, Answer(body=b'{"ret":-2}'), Answer(body=b"{}", delay=4.0))
                 futures.append(pool.submit(send, i))
                 want = 2 * (i + 1)  # the re-issue is on its way
-                assert wait_for(lambda n=want: len(fake.sends()) == n), fake.sends()
+                assert wait_for(lambda n=want: len(fake.sends()) == n, 20.0), fake.sends()
             for pid in [p.proc.pid, *(workers if to == "every process" else ())]:
                 os.kill(pid, signal.SIGTERM)
             answers = [f.result() for f in futures]
@@ -208,7 +199,7 @@ def test_workers_that_keep_dying_stop_the_parent_with_a_non_zero_status(
             if n < 5:
                 assert p.wait_output(f"(pid {victim}) exited with signal SIGKILL; restarted"), p.output
                 p.seen.update(children(p.proc.pid))  # type: ignore[attr-defined]
-                assert wait_for(lambda: len(children(p.proc.pid)) == 2), p.output
+                assert wait_for(lambda: len(children(p.proc.pid)) == 2, 20.0), p.output
         p.proc.wait(40)
         assert p.proc.returncode == 1, p.output
         assert p.wait_output("5 restarts within 60 s, stopping all workers"), p.output
